@@ -1,0 +1,5 @@
+import sys
+
+from minisbert.cli import main
+
+sys.exit(main())

