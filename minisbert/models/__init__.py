@@ -6,9 +6,10 @@ bare model, e.g. ``bert.``), ``CHECKPOINT_NAMES`` (Hugging Face key -> our param
 the layer) and ``IGNORED_KEYS`` (regular expressions for keys deliberately not loaded).
 """
 
-from minisbert.models import bert, roberta
+from minisbert.models import bert, deberta_v2, roberta
 
 ARCHITECTURES = {
     "bert": bert,
     "roberta": roberta,
+    "deberta-v2": deberta_v2,
 }
