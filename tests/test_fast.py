@@ -1,0 +1,243 @@
+"""The fast path (minisbert/fast.py) and the pooling kernels (minisbert/kernels.py) against the reference."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, corpus, make_checkpoint, st_model
+
+from minisbert import SentenceEncoder, fast, kernels
+from minisbert.pooling import mean_pool
+
+TOL = 1e-5
+ARCHS = ["bert", "roberta", "deberta-v2"]
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pooling kernels
+
+
+def test_masked_mean_hand_sized():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]],
+                      [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])  # (B=2, T=3, C=2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    expected = torch.tensor([[2.0, 3.0], [7.0, 8.0]])
+    assert torch.equal(kernels.masked_mean(x, mask), expected)
+    assert torch.equal(kernels.packed_mean_pool(x[mask.bool()], mask.sum(1)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_masked_mean_equals_reference_random(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 13, 32, generator=g).to(dtype)
+    lengths = torch.tensor([13, 1, 5, 0, 12, 7, 0])  # two all-pad rows
+    mask = (torch.arange(13)[None, :] < lengths[:, None]).long()
+    ref = mean_pool(x, mask)
+    for ours in (kernels.masked_mean(x, mask), kernels.packed_mean_pool(x[mask.bool()], lengths)):
+        assert ours.dtype == dtype
+        tol = TOL if dtype == torch.float32 else 1e-2  # one rounding of the fp32 mean to half precision
+        diff = (ours.float() - ref.float()).abs()
+        assert diff.max() <= tol, f"{dtype}: max {diff.max():.3e} mean {diff.mean():.3e}"
+    # An all-pad row gives zeros (the 1e-9 clamp), never NaN.
+    assert torch.equal(kernels.masked_mean(x, mask)[3].float(), torch.zeros(32))
+    assert torch.equal(kernels.packed_mean_pool(x[mask.bool()], lengths)[6].float(), torch.zeros(32))
+
+
+def test_half_inputs_accumulate_in_fp32():
+    # 4096 copies of 1 + 2^-8: a bf16 running sum would stall at 256 long before the end.
+    x = torch.full((1, 4096, 4), 1 + 2**-8, dtype=torch.bfloat16)
+    mask = torch.ones(1, 4096, dtype=torch.long)
+    assert torch.equal(kernels.masked_mean(x, mask), x[:, 0])
+    assert torch.equal(kernels.packed_mean_pool(x[0], torch.tensor([4096])), x[:, 0])
+
+
+@pytest.mark.slow  # inductor's first C++ compile takes a minute or more on 2 shared cores
+def test_compiled_pooling_on_cpu():
+    x = torch.randn(3, 9, 16)
+    mask = (torch.arange(9)[None, :] < torch.tensor([[9], [4], [0]])).long()
+    try:
+        ours = kernels.compiled(kernels.masked_mean)(x, mask)
+    except Exception as e:  # noqa: BLE001 - no working C++ toolchain for inductor
+        pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e)[:200]}")
+    diff = (ours - mean_pool(x, mask)).abs()
+    assert diff.max() <= TOL, f"compiled pooling: max {diff.max():.3e} mean {diff.mean():.3e}"
+    packed = kernels.compiled(kernels.packed_mean_pool)(x[mask.bool()], mask.sum(1))
+    diff = (packed - mean_pool(x, mask)).abs()
+    assert diff.max() <= TOL, f"compiled packed pooling: max {diff.max():.3e} mean {diff.mean():.3e}"
+
+
+def test_packing_round_trip_hand_sized():
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    layout = fast.Packing(mask)
+    x = torch.arange(6.0).view(2, 3, 1)  # (B, T, 1)
+    packed = layout.unpad(x)
+    assert packed.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert layout.pad(packed).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 0.0, 0.0]
+    assert layout.lengths.tolist() == [3, 1]
+
+
+def test_token_batches_hand_sized():
+    ids = [[0] * n for n in (3, 10, 2, 10, 5, 1)]
+    # Budget 2 * 10 = 20 tokens as a (rows x longest) rectangle: [10, 10], then 5 + 3 + 2 + 1 in 4 x 5.
+    assert fast.token_batches(ids, batch_size=2, max_seq_length=10) == [[1, 3], [4, 0, 2, 5]]
+    assert sorted(i for b in fast.token_batches(ids, 1, 4) for i in b) == list(range(6))  # every text once
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast path against the reference path
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    out = {}
+    for arch in ARCHS:
+        try:
+            out[arch] = make_checkpoint(tmp_path_factory.mktemp(arch), arch, max_seq_length=128)
+        except Exception as e:  # noqa: BLE001 - transformers without this architecture
+            out[arch] = e
+    return out
+
+
+def load(tiny_models, arch, **kwargs) -> SentenceEncoder:
+    path = tiny_models[arch]
+    if isinstance(path, Exception):
+        pytest.skip(f"no tiny {arch}: {path}")
+    try:
+        return SentenceEncoder.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        pytest.skip(f"{arch} is not loadable yet: {e}")
+
+
+def runner_or_skip(encoder: SentenceEncoder, arch: str):
+    if not encoder.fast:
+        pytest.skip(f"no fast path for {arch}")
+
+
+@pytest.mark.parametrize("arch, backend", [(a, "aten") for a in ARCHS] + [("bert", "mkldnn"), ("deberta-v2", "mkldnn")])
+def test_fast_equals_reference(arch, backend, tiny_models, monkeypatch):
+    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+        pytest.skip("oneDNN linear is not available")
+    monkeypatch.setenv("MINISBERT_LINEAR", backend)
+    ours = load(tiny_models, arch, fast=True)
+    runner_or_skip(ours, arch)
+    assert ours._fast_runner.backend == backend
+    reference = load(tiny_models, arch, fast=False)
+    assert not reference.fast
+    texts = corpus(70) + ["", "한국어 " * 300, "a"]
+    want = reference.encode(texts, batch_size=32)
+    for batch_size, n in ((32, len(texts)), (1, 12)):  # batch 1 on fewer texts: same check, less time
+        got = ours.encode(texts[-n:], batch_size=batch_size)
+        want = want[-n:]
+        assert max_diff(got, want) <= TOL, (f"{arch}/{backend} batch {batch_size}: max {max_diff(got, want):.3e} "
+                                            f"mean {np.abs(got - want).mean():.3e}")
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_fast_and_reference_equal_sentence_transformers(arch, tiny_models):
+    texts = corpus(60) + ["", "한국어 " * 300]
+    want = st_model(tiny_models[arch]).encode(texts, batch_size=32)
+    for use_fast in (True, False):
+        got = load(tiny_models, arch, fast=use_fast).encode(texts, batch_size=32)
+        assert max_diff(got, want) <= TOL, f"{arch} fast={use_fast}: max {max_diff(got, want):.3e}"
+
+
+def test_other_pooling_modes_on_fast_path(tmp_path):
+    modes = ("cls", "max", "mean", "lasttoken")
+    path = make_checkpoint(tmp_path / "m", "bert", max_seq_length=48, pooling=modes, normalize=True)
+    texts = corpus(40) + [""]
+    got = SentenceEncoder.from_pretrained(path, fast=True).encode(texts, batch_size=16)
+    want = SentenceEncoder.from_pretrained(path, fast=False).encode(texts, batch_size=16)
+    assert max_diff(got, want) <= TOL, f"pooling {modes}: max {max_diff(got, want):.3e}"
+
+
+def test_fast_selection_auto_env_and_override(tiny_models, monkeypatch):
+    monkeypatch.delenv("MINISBERT_FAST", raising=False)
+    encoder = load(tiny_models, "bert")
+    assert encoder.fast  # automatic: on where supported
+    encoder.fast = False
+    assert not encoder.fast and encoder._fast_runner is None
+    monkeypatch.setenv("MINISBERT_FAST", "0")
+    assert not load(tiny_models, "bert").fast
+    assert load(tiny_models, "bert", fast=True).fast  # an explicit argument beats the environment
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threads and fork
+
+
+def _child_encode(path, queue):
+    encoder = SentenceEncoder.from_pretrained(path)
+    queue.put(encoder.encode(["포크 뒤에도 인코딩한다.", "두 번째 문장"]).tolist())
+
+
+def test_encode_after_fork_does_not_deadlock(tiny_models):
+    encoder = load(tiny_models, "bert")
+    parent = encoder.encode(["포크 뒤에도 인코딩한다.", "두 번째 문장"] + corpus(40))[:2]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_encode, args=(str(tiny_models["bert"]), queue))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child did not finish encoding within 60 s (deadlock?)")
+    assert child.exitcode == 0
+    assert max_diff(queue.get(timeout=5), parent) <= TOL
+
+
+def test_respects_torch_threads(tiny_models):
+    encoder = load(tiny_models, "bert")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        encoder.encode(corpus(20))
+        assert torch.get_num_threads() == 1  # nothing in the encode path resets it
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark smoke test and GPU
+
+
+def test_bench_script_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--model", "random-bert", "--tiny",
+                           "--n", "12", "--repeats", "1", "--batch-size", "4", "--no-onnx", "--no-peak",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"model", "dtype", "threads", "tokens", "peak_gflops", "rows"} <= set(result)
+    names = [r["system"] for r in result["rows"]]
+    assert any(n.startswith("minisbert[") for n in names) and "st" in names
+    for row in result["rows"]:
+        assert {"sentences_per_s", "tokens_per_s", "vs_st", "gflops", "max_abs_diff_vs_st",
+                "min_cosine_vs_st"} <= set(row)
+        assert row["sentences_per_s"] > 0 and row["max_abs_diff_vs_st"] <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_fast_path_close_to_fp32(dtype, tiny_models):
+    texts = corpus(60)
+    want = load(tiny_models, "bert", fast=False).encode(texts)
+    ours = load(tiny_models, "bert", device="cuda", dtype=dtype)
+    assert ours.fast
+    got = ours.encode(texts)
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.999, f"{dtype} on CUDA: min cosine {cos.min():.6f}"
+    x = torch.randn(4, 10, 32, device="cuda", dtype=dtype)
+    mask = (torch.arange(10, device="cuda")[None] < torch.tensor([[10], [3], [0], [7]], device="cuda")).long()
+    diff = (kernels.mean_pool(x, mask, compile=True).float() - mean_pool(x, mask).float()).abs()
+    assert diff.max() <= 1e-2, f"compiled CUDA pooling: max {diff.max():.3e}"
