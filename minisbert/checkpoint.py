@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minisbert.errors import CheckpointError
+from minisbert.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("minisbert")
 
@@ -153,10 +153,16 @@ def _shorten(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def map_state_dict(state: dict[str, torch.Tensor], arch, model: nn.Module, source: str
-                   ) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys to the model's names, strictly. ``arch`` is the architecture module."""
-    prefix = next((p for p in arch.PREFIXES if any(k.startswith(p) for k in state)), "")
+def detect_prefix(state: dict[str, torch.Tensor], arch) -> str:
+    """The bare-model prefix the checkpoint's keys carry (``bert.``, ...), or "" when they carry none."""
+    return next((p for p in arch.PREFIXES if any(k.startswith(p) for k in state)), "")
+
+
+def map_state_dict(state: dict[str, torch.Tensor], arch, model: nn.Module, source: str,
+                   sources: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys to the model's names, strictly. ``arch`` is the architecture module.
+    ``sources``, when given, is filled with our parameter name -> the checkpoint key it came from."""
+    prefix = detect_prefix(state, arch)
     log.debug("%s: checkpoint prefix %r", source, prefix or "(none)")
     table = _compile_table(arch.CHECKPOINT_NAMES)
     ignored = [re.compile(p + "$") for p in arch.IGNORED_KEYS]
@@ -188,7 +194,12 @@ def map_state_dict(state: dict[str, torch.Tensor], arch, model: nn.Module, sourc
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {key!r} has dtype {tensor.dtype}, a floating-point "
                                   f"weight is needed")
+        if not bool(torch.isfinite(tensor).all()):
+            # A NaN or inf weight makes every embedding NaN (or silently wrong): refuse the file instead.
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values")
         mapped[ours] = tensor
+        if sources is not None:
+            sources[ours] = key
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensors (not part of this "
                               f"{type(model).__name__}): {_shorten(sorted(unexpected))}")
@@ -203,9 +214,25 @@ def load_model(arch, hf_config: dict, weights: Path, device: str | torch.device 
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build the architecture on the meta device and fill it from ``weights`` with ``assign=True``,
     so no random weights are ever allocated."""
+    weights = Path(weights)
+    state = read_state_dict(weights)
+    # Every layer has at least one tensor. Refusing more layers than the file has tensors before
+    # building keeps a config asking for 10**9 layers from taking hours, even on the meta device.
+    layers = hf_config.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > len(state):
+        raise CheckpointError(f"{weights}: config.json asks for num_hidden_layers={layers} but the file holds "
+                              f"only {len(state)} tensors")
     with torch.device("meta"):
-        model = arch.build(hf_config)
-    state = map_state_dict(read_state_dict(weights), arch, model, str(weights))
+        try:
+            model = arch.build(hf_config)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            # A value the architecture's validation did not foresee (a list where a name belongs, a size
+            # whose tensor would overflow int64) is still a bad config, not a crash.
+            raise ConfigError(f"{weights.parent / 'config.json'}: invalid model config "
+                              f"({type(e).__name__}: {e})") from None
+    state = map_state_dict(state, arch, model, str(weights))
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
