@@ -20,16 +20,27 @@ import torch.nn.functional as F
 
 from minisbert import checkpoint, hub
 from minisbert.errors import ConfigError, ModelNotFoundError, UnsupportedModuleError
+from minisbert.fast import guard_forked_children, token_batches
 from minisbert.models import ARCHITECTURES
 from minisbert.pooling import PoolingConfig, pool
-from minisbert.tokenizer import TextTokenizer
+from minisbert.tokenizer import TextTokenizer, clean_text
 
 log = logging.getLogger("minisbert")
 
 # sentence-transformers module types, by the class name at the end of their import path.
-TRANSFORMER_TYPES = ("Transformer",)
+# KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/kobert.py.
+TRANSFORMER_TYPES = ("Transformer", "KoBertTransformer")
 POOLING_TYPES = ("Pooling",)
 NORMALIZE_TYPES = ("Normalize",)
+
+# A text is padded to its own token count rounded up to this multiple, never to its batch's longest
+# text, so its embedding cannot depend on its neighbours: the fused attention kernel's sums are grouped
+# by the padded length (bert-base size: up to 4.8e-6 apart between batch sizes 1 and 64 when padding to
+# the longest), while rows of equal padded length compute the same bits in any batch. A multiple of 8
+# also keeps every GEMM at >= 8 rows, where MKL uses one kernel (1-3, 5-7, 9-11 rows round differently).
+PAD_MULTIPLE = 8
+# Texts whose token counts are planned into batches at once (the packed path sorts them by tokens).
+PLAN_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class Layout:
     normalize: bool
     max_seq_length: int | None
     do_lower_case: bool
+    transformer_type: str = "Transformer"  # class name of the first module
 
 
 def _read_json(path: Path, what: str):
@@ -55,17 +67,26 @@ def read_layout(folder: Path) -> Layout:
     """Parse ``modules.json`` (or treat a bare Hugging Face folder as Transformer + mean pooling)."""
     if not (folder / "modules.json").is_file():
         transformer_dir, pooling, normalize = folder, PoolingConfig(("mean",)), False
+        kinds = ["Transformer"]
     else:
         modules = _read_json(folder / "modules.json", "module list")
-        if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
-            raise ConfigError(f"{folder / 'modules.json'}: expected a list of {{'type', 'path'}} objects")
+        if not isinstance(modules, list) or not all(_module_entry_ok(m) for m in modules):
+            raise ConfigError(f"{folder / 'modules.json'}: expected a list of {{'idx': int, 'type': str, "
+                              f"'path': str}} objects")
+        for module in modules:
+            # Paths are joined to the folder, as sentence-transformers joins them; "../x" or "/x" would
+            # read another model's files.
+            path = os.path.normpath(module.get("path") or ".")
+            if os.path.isabs(path) or path.split(os.sep)[0] == "..":
+                raise ConfigError(f"{folder / 'modules.json'}: module path {module['path']!r} leads outside "
+                                  f"the model folder")
         modules = sorted(modules, key=lambda m: m.get("idx", 0))
         kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
         for module, kind in zip(modules, kinds):
             if kind not in TRANSFORMER_TYPES + POOLING_TYPES + NORMALIZE_TYPES:
                 raise UnsupportedModuleError(
                     f"{folder / 'modules.json'}: module {module['type']!r} is not implemented by minisbert "
-                    f"(supported: Transformer, Pooling, Normalize)")
+                    f"(supported: Transformer, KoBertTransformer, Pooling, Normalize)")
         in_order = (kinds[:1] and kinds[0] in TRANSFORMER_TYPES
                     and (len(kinds) == 1 or kinds[1] in POOLING_TYPES)
                     and all(k in NORMALIZE_TYPES for k in kinds[2:3]) and len(kinds) <= 3)
@@ -73,16 +94,37 @@ def read_layout(folder: Path) -> Layout:
             raise UnsupportedModuleError(f"{folder / 'modules.json'}: module order {kinds} is not "
                                          f"Transformer, Pooling[, Normalize]")
         transformer_dir = folder / modules[0].get("path", "")
-        pooling = (PoolingConfig.from_file(folder / modules[1].get("path", "") / "config.json")
+        pooling = (read_pooling(folder / modules[1].get("path", "") / "config.json")
                    if len(modules) > 1 else PoolingConfig(("mean",)))
         normalize = kinds[-1] in NORMALIZE_TYPES
     st_config = {}
     for name in ("sentence_bert_config.json", "sentence_xlm-roberta_config.json"):
         if (transformer_dir / name).is_file():
             st_config = _read_json(transformer_dir / name, "sentence-transformers config")
+            if not isinstance(st_config, dict):
+                raise ConfigError(f"{transformer_dir / name}: expected a JSON object")
+            max_seq_length = st_config.get("max_seq_length")
+            if max_seq_length is not None and not (type(max_seq_length) is int and max_seq_length >= 2):
+                raise ConfigError(f"{transformer_dir / name}: max_seq_length={max_seq_length!r} must be an "
+                                  f"integer >= 2")
             break
     return Layout(transformer_dir, pooling, normalize, st_config.get("max_seq_length"),
-                  bool(st_config.get("do_lower_case", False)))
+                  bool(st_config.get("do_lower_case", False)), kinds[0])
+
+
+def _module_entry_ok(m) -> bool:
+    return (isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path", ""), str)
+            and type(m.get("idx", 0)) is int)
+
+
+def read_pooling(path: Path) -> PoolingConfig:
+    """``1_Pooling/config.json``; a missing file or a malformed one is an error naming it."""
+    if not isinstance(_read_json(path, "pooling config"), dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    try:
+        return PoolingConfig.from_file(path)
+    except TypeError as e:  # e.g. "pooling_mode": 3
+        raise ConfigError(f"{path}: invalid pooling config ({e})") from None
 
 
 class SentenceEncoder:
@@ -95,31 +137,45 @@ class SentenceEncoder:
         self.layout = layout
         self.arch = arch
         self.source = source
+        self._fast_runner = None  # reference path until ``fast`` is set (from_pretrained sets it)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, revision: str | None = None,
-                        token: str | bool | None = None, cache_dir: str | None = None) -> "SentenceEncoder":
+                        token: str | bool | None = None, cache_dir: str | None = None,
+                        fast: bool | None = None) -> "SentenceEncoder":
         """Load a local folder (sentence-transformers or plain Hugging Face layout), a short name
-        from ``weights/models.json``, or a hub id (downloaded with ``huggingface_hub``)."""
+        from ``weights/models.json``, or a hub id (downloaded with ``huggingface_hub``).
+
+        ``fast``: run the packed fast path of ``minisbert.fast`` (True), the reference model forward
+        (False), or choose automatically (None: fast where supported, unless ``MINISBERT_FAST=0``)."""
         folder = hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
         layout = read_layout(folder)
         hf_config = _read_json(layout.transformer_dir / "config.json", "model config")
         if not isinstance(hf_config, dict):
             raise ConfigError(f"{layout.transformer_dir / 'config.json'}: expected a JSON object")
-        model_type = hf_config.get("model_type")
-        if model_type not in ARCHITECTURES:
+        kobert = layout.transformer_type == "KoBertTransformer"
+        # KoBertTransformer always builds a BertModel, whatever config.json says (or omits).
+        model_type = hf_config.get("model_type", "bert" if kobert else None)
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
             raise ConfigError(f"{layout.transformer_dir / 'config.json'}: model_type={model_type!r} is not "
                               f"supported (supported: {', '.join(ARCHITECTURES)})")
         arch = ARCHITECTURES[model_type]
         weights = checkpoint.find_weights(layout.transformer_dir)
         model = checkpoint.load_model(arch, hf_config, weights, device=device, dtype=dtype)
-        tokenizer = TextTokenizer.from_folder(layout.transformer_dir, layout.max_seq_length, layout.do_lower_case,
-                                              fallback_pad_id=model.config.pad_token_id)
-        encoder = cls(model, tokenizer, layout, arch, source=str(folder))
         # Like sentence-transformers, never let the tokenizer produce more tokens than positions exist.
         limit = arch.max_tokens(model.config)
+        max_seq_length = min(layout.max_seq_length, limit) if layout.max_seq_length else None
+        if kobert:
+            from minisbert.kobert import KoBertTokenizer
+
+            tokenizer = KoBertTokenizer.from_folder(layout.transformer_dir, max_seq_length, layout.do_lower_case)
+        else:
+            tokenizer = TextTokenizer.from_folder(layout.transformer_dir, max_seq_length,
+                                                  layout.do_lower_case, fallback_pad_id=model.config.pad_token_id)
+        encoder = cls(model, tokenizer, layout, arch, source=str(folder))
         encoder.max_seq_length = min(tokenizer.max_seq_length or limit, limit)
+        encoder.fast = fast
         return encoder
 
     # -- properties --------------------------------------------------------------------------------
@@ -148,13 +204,42 @@ class SentenceEncoder:
     def embedding_dim(self) -> int:
         return self.model.config.hidden_size * len(self.layout.pooling.modes)
 
+    @property
+    def fast(self) -> bool:
+        """Whether ``encode`` runs ``minisbert.fast``'s packed path instead of the reference forward."""
+        return self._fast_runner is not None
+
+    @fast.setter
+    def fast(self, value: bool | None) -> None:
+        from minisbert import fast
+
+        if value is None:
+            value = os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
+        # Built once per setting; the fused q/k/v weights are copies, so set it again after editing weights.
+        self._fast_runner = fast.fast_forward(self.model) if value else None
+
     # -- encoding ----------------------------------------------------------------------------------
 
+    def padded_length(self, n_tokens: int) -> int:
+        """The length a text of ``n_tokens`` tokens is padded to, whatever batch it is in."""
+        return min(-(-n_tokens // PAD_MULTIPLE) * PAD_MULTIPLE, max(n_tokens, self.arch.max_tokens(self.model.config)))
+
     def embed_batch(self, texts: list[str], normalize: bool = False) -> torch.Tensor:
-        """One batch of texts -> (B, embedding_dim) embeddings in float32, on the model's device."""
-        input_ids, attention_mask = self.tokenizer(texts, self.device)  # (B, T), (B, T)
-        states = self.model(input_ids, attention_mask)  # (B, T, C)
-        emb = pool(states, attention_mask, self.layout.pooling.modes).float()  # (B, embedding_dim)
+        """One batch of texts -> (B, embedding_dim) embeddings in float32, on the model's device.
+
+        Texts run in groups of equal ``padded_length``, so each embedding is the same in any batch."""
+        ids = self.tokenizer.encode_ids(texts)
+        groups: dict[int, list[int]] = {}
+        for b, row in enumerate(ids):
+            groups.setdefault(self.padded_length(len(row)), []).append(b)
+        emb = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32, device=self.device)
+        for T, rows in groups.items():
+            input_ids, attention_mask = self.tokenizer.pad([ids[b] for b in rows], self.device, T)  # (b, T)
+            if self._fast_runner is not None:
+                emb[rows] = self._fast_runner.embed(input_ids, attention_mask, self.layout.pooling.modes).float()
+            else:
+                states = self.model(input_ids, attention_mask)  # (b, T, C)
+                emb[rows] = pool(states, attention_mask, self.layout.pooling.modes).float()  # (b, embedding_dim)
         if self.layout.normalize or normalize:
             emb = F.normalize(emb, p=2, dim=1)
         return emb
@@ -169,23 +254,39 @@ class SentenceEncoder:
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else check_texts(sentences)
+        # Surrogates -> U+FFFD here too, for tokenizers that are not ours (KoBERT's SentencePiece).
+        texts = [clean_text(t) for t in texts]
+        guard_forked_children()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         out = torch.empty((len(texts), self.embedding_dim), dtype=torch.float32, device=self.device)
         # Longest first, like sentence-transformers: similar lengths share a batch, less padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        starts = range(0, len(texts), batch_size)
+        batches = [order[start: start + batch_size] for start in range(0, len(texts), batch_size)]
+        if self._fast_runner is not None and hasattr(self.tokenizer, "encode_ids"):
+            # Packed path: longest first by token count, batches filled to a token budget.
+            # Planned per chunk of the longest-first order, so that only one chunk's token ids exist at a
+            # time (all 100k texts' ids at once cost ~200 MB of Python lists).
+            chunks = (order[s: s + PLAN_CHUNK] for s in range(0, len(order), PLAN_CHUNK))
+            batches = [[chunk[i] for i in batch] for chunk in chunks for batch in token_batches(
+                self.tokenizer.encode_ids([texts[i] for i in chunk]), batch_size, self.max_seq_length)]
         if show_progress_bar is None:
-            show_progress_bar = len(starts) >= 32 and sys.stderr.isatty()
+            show_progress_bar = len(batches) >= 32 and sys.stderr.isatty()
         if show_progress_bar:
             from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="Batches", unit="batch")
-        for start in starts:
-            index = order[start: start + batch_size]
+            batches = tqdm(batches, desc="Batches", unit="batch")
+        for index in batches:
             out[index] = self.embed_batch([texts[i] for i in index], normalize_embeddings)
         if single:
             out = out[0]
         return out.cpu().numpy() if convert_to_numpy else out
+
+    def trace(self, sentences: str | list[str], batch_size: int = 8, normalize_embeddings: bool = False) -> list:
+        """Per-sentence ``minisbert.trace.Trace``: tokens, every layer's states, attention maps (and
+        DeBERTa-v2's score terms), unpadded, in input order. See ``minisbert/trace.py``."""
+        from minisbert.trace import trace
+
+        return trace(self, sentences, batch_size=batch_size, normalize_embeddings=normalize_embeddings)
 
 
 def check_texts(sentences) -> list[str]:

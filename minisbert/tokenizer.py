@@ -4,11 +4,17 @@
 ``vocab.txt`` + ``tokenizer_config.json`` exactly as transformers' ``BertTokenizerFast`` converter
 builds it. Truncation is ``longest_first`` to ``max_seq_length`` counting ``[CLS]``/``[SEP]``; a batch
 is padded to its longest row; token type ids are not produced (every model here uses type 0).
+
+Two things happen before the ``tokenizers`` library sees a text (see ``TextTokenizer.encode_ids``):
+surrogate code points (``"\\ud800"``, which no UTF-8 string can hold and the library refuses, failing
+the whole batch) become U+FFFD, and a very long text is cut at a space whenever that provably keeps
+the tokens truncation keeps, so a 2M-character text costs what a 4k-character one does.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +22,18 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 from minisbert.errors import ConfigError, ModelNotFoundError
+
+# Surrogates are code points but not Unicode scalar values: Python strings can hold them (from
+# "\\ud800" escapes, or bytes decoded with errors="surrogateescape"), UTF-8 and the Rust tokenizer cannot.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with each surrogate code point replaced by U+FFFD (the same object when it has none).
+
+    BERT's normaliser then drops U+FFFD like a control character; other tokenizers map it to their
+    unknown token. sentence-transformers raises ``TypeError`` on such a text instead."""
+    return _SURROGATES.sub("\ufffd", text)
 
 
 def _read_json(path: Path) -> dict:
@@ -33,16 +51,19 @@ def _read_json(path: Path) -> dict:
 def _token_str(value, default: str) -> str:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(value, dict):
-        return value.get("content", default)
+        value = value.get("content", default)
     return value if isinstance(value, str) else default
 
 
 def wordpiece_from_vocab(vocab_path: Path, tok_config: dict) -> Tokenizer:
     """BERT WordPiece from ``vocab.txt``, configured like transformers' BertTokenizerFast."""
     vocab: dict[str, int] = {}
-    with open(vocab_path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            vocab.setdefault(line.rstrip("\n"), index)
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                vocab.setdefault(line.rstrip("\n"), index)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{vocab_path}: not UTF-8 text ({e})") from None
     unk = _token_str(tok_config.get("unk_token"), "[UNK]")
     cls = _token_str(tok_config.get("cls_token"), "[CLS]")
     sep = _token_str(tok_config.get("sep_token"), "[SEP]")
@@ -71,6 +92,30 @@ def wordpiece_from_vocab(vocab_path: Path, tok_config: dict) -> Tokenizer:
     return tok
 
 
+def words_tokenized_alone(tok: Tokenizer) -> bool:
+    """Whether ``tok`` tokenizes each space-separated word on its own (BERT normaliser, whitespace or
+    BERT pre-tokenizer, WordPiece, no added token with a space in it), so that cutting a text at a
+    space cannot change the tokens before the cut."""
+    # Each of these normalisers maps characters one by one (BERT's NFD for strip_accents cannot move a
+    # mark across a space), so text before a space normalises the same whatever follows it.
+    per_char = (normalizers.BertNormalizer, normalizers.Lowercase)
+    norm = tok.normalizer
+    steps = (isinstance(tok.model, WordPiece)
+             and (norm is None or isinstance(norm, per_char)
+                  or isinstance(norm, normalizers.Sequence) and all(isinstance(n, per_char) for n in norm))
+             and isinstance(tok.pre_tokenizer, (pre_tokenizers.BertPreTokenizer, pre_tokenizers.Whitespace,
+                                                pre_tokenizers.WhitespaceSplit)))
+    return steps and not any(any(c.isspace() for c in t.content) for t in tok.get_added_tokens_decoder().values())
+
+
+def _has_lowercase(norm) -> bool:
+    """sentence-transformers' test for an existing Lowercase step (a lowercasing BertNormalizer does
+    not count, so it adds one in front of it too)."""
+    if isinstance(norm, normalizers.Sequence):
+        return any(isinstance(n, normalizers.Lowercase) for n in norm)
+    return isinstance(norm, normalizers.Lowercase)
+
+
 class TextTokenizer:
     """Tokenizes batches of text into (input_ids, attention_mask) tensors of shape (B, T)."""
 
@@ -78,8 +123,18 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.do_lower_case = do_lower_case
+        if do_lower_case and not _has_lowercase(tokenizer.normalizer):
+            # sentence-transformers (6.x) lowercases with a Lowercase step in front of the normaliser, not
+            # with str.lower(): special tokens written in the text ("[MASK]") stay special, a final Σ
+            # becomes σ (not ς), and the text is not stripped.
+            norm = tokenizer.normalizer
+            rest = list(norm) if isinstance(norm, normalizers.Sequence) else [] if norm is None else [norm]
+            tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
         tokenizer.no_padding()
-        self.max_seq_length = max_seq_length
+        self._max_seq_length = None  # no truncation until set (the encoder always sets it)
+        if max_seq_length is not None:
+            self.max_seq_length = max_seq_length
+        self.cut_is_safe = words_tokenized_alone(tokenizer)
 
     @classmethod
     def from_folder(cls, folder: Path, max_seq_length: int | None, do_lower_case: bool,
@@ -102,29 +157,62 @@ class TextTokenizer:
         if pad_id is None:
             pad_id = fallback_pad_id
         if max_seq_length is None:
-            max_seq_length = tok_config.get("model_max_length")
+            # transformers writes 1e30 for "no limit"; that, or anything not a length, is left to the
+            # encoder, which caps the length at the position table's size.
+            value = tok_config.get("model_max_length")
+            max_seq_length = value if type(value) is int and 2 <= value < 2**31 else None
         return cls(tok, pad_id, max_seq_length, do_lower_case)
 
     @property
-    def max_seq_length(self) -> int:
+    def max_seq_length(self) -> int | None:
         return self._max_seq_length
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ValueError(f"max_seq_length must be an integer >= 2, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value < 2**31:
+            raise ValueError(f"max_seq_length must be an integer in [2, 2**31), got {value!r}")
         self._max_seq_length = value
         self.tokenizer.enable_truncation(max_length=value, strategy="longest_first")
 
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated, with [CLS]/[SEP]; no padding."""
-        if self.do_lower_case:
-            texts = [t.strip().lower() for t in texts]
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        texts = [clean_text(t) for t in texts]
+        # The library tokenizes a whole text before truncating it (~10 us per character); a long text is
+        # first tried cut at a space, and kept whole only where the cut turns out to keep too few tokens.
+        cut = [self.cut_at_space(t) for t in texts]
+        # An Encoding holds tokens, offsets and masks besides the ids (~10 KB for a 50-token text), so
+        # keep only the ids of each slice: 100k texts at once peaked ~1 GB above their ids.
+        ids = [e.ids for start in range(0, len(cut), 1024)
+               for e in self.tokenizer.encode_batch(cut[start: start + 1024], add_special_tokens=True)]
+        for b, (text, short) in enumerate(zip(texts, cut)):
+            if short is not text and len(ids[b]) < self.max_seq_length:
+                ids[b] = self.tokenizer.encode(text, add_special_tokens=True).ids
+        return ids
 
-    def pad(self, ids: list[list[int]], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad to the longest row: (B, T) input_ids and (B, T) attention_mask (int64)."""
-        T = max(len(row) for row in ids)
+    # A cut text keeps max_seq_length * this many characters (and up to the next space); 16 is ~3x the
+    # characters per WordPiece token of Korean or English prose, so the whole-text retry is rare.
+    cut_chars_per_token = 16
+
+    def cut_at_space(self, text: str) -> str:
+        """``text`` up to the first space after ``max_seq_length * cut_chars_per_token`` characters, or
+        ``text`` itself (the same object) where it is shorter or cutting could change tokens.
+
+        Why the cut keeps the tokens truncation keeps: with a BERT normaliser (per character), a
+        whitespace/punctuation pre-tokenizer and WordPiece (per word), no token of the text before a
+        space depends on the text after it, so the cut text's tokens are a prefix of the whole text's.
+        When the cut text still fills ``max_seq_length`` (``encode_ids`` checks), truncation keeps the
+        same first tokens from both; otherwise ``encode_ids`` tokenizes the whole text.
+        """
+        if not self.cut_is_safe or self.max_seq_length is None:
+            return text
+        space = text.find(" ", self.max_seq_length * self.cut_chars_per_token)
+        return text if space < 0 else text[:space]
+
+    def pad(self, ids: list[list[int]], device: str | torch.device = "cpu",
+            length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to ``length`` tokens (default: the longest row): (B, T) input_ids and (B, T)
+        attention_mask (int64)."""
+        T = max(len(row) for row in ids) if length is None else length
         input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), T), dtype=torch.long)
         for b, row in enumerate(ids):

@@ -80,7 +80,8 @@ def corpus(n: int = 200, seed: int = 0) -> list[str]:
     base = korsts_sentences("test") or OWN_KOREAN
     texts = OWN_KOREAN + rng.sample(base, min(len(base), n))
     passages = [" ".join(rng.sample(base, min(len(base), k))) for k in (8, 20, 40)]
-    return (texts + passages)[:n] if n >= len(passages) else texts[:n]
+    # Keep the passages: they are what exercises truncation.
+    return texts[: n - len(passages)] + passages if n > len(passages) else texts[:n]
 
 
 def train_korean_wordpiece(specials: list[str], vocab_size: int = 3000):
