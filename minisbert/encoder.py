@@ -233,10 +233,12 @@ class SentenceEncoder:
         for b, row in enumerate(ids):
             groups.setdefault(self.padded_length(len(row)), []).append(b)
         emb = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32, device=self.device)
+        # Hooks attach to the reference modules, which the packed fast path does not call.
+        runner = None if has_hooks(self.model) else self._fast_runner
         for T, rows in groups.items():
             input_ids, attention_mask = self.tokenizer.pad([ids[b] for b in rows], self.device, T)  # (b, T)
-            if self._fast_runner is not None:
-                emb[rows] = self._fast_runner.embed(input_ids, attention_mask, self.layout.pooling.modes).float()
+            if runner is not None:
+                emb[rows] = runner.embed(input_ids, attention_mask, self.layout.pooling.modes).float()
             else:
                 states = self.model(input_ids, attention_mask)  # (b, T, C)
                 emb[rows] = pool(states, attention_mask, self.layout.pooling.modes).float()  # (b, embedding_dim)
@@ -287,6 +289,11 @@ class SentenceEncoder:
         from minisbert.trace import trace
 
         return trace(self, sentences, batch_size=batch_size, normalize_embeddings=normalize_embeddings)
+
+
+def has_hooks(model: torch.nn.Module) -> bool:
+    """Whether any forward hook or pre-hook is registered on the model's modules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def check_texts(sentences) -> list[str]:

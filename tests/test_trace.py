@@ -194,6 +194,21 @@ def test_forward_hook_by_module_name(tiny_bert):
             assert diff.max() <= TOL, f"block 1 rebuilt from the hook: max {diff.max():.3e}, mean {diff.mean():.3e}"
 
 
+def test_encode_runs_the_hooked_modules(tiny_bert):
+    """A registered hook makes encode() take the reference forward, so the hook fires and the result stays."""
+    encoder = SentenceEncoder.from_pretrained(tiny_bert, fast=True)
+    texts = ["오늘 서울의 날씨는 맑다.", "비가 와서 소풍을 다음 주로 미뤘어요."]
+    fast = encoder.encode(texts)
+    calls = []
+    handle = encoder.model.blocks[0].attn.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        hooked = encoder.encode(texts)
+    finally:
+        handle.remove()
+    assert calls, "the hook did not fire during encode()"
+    assert abs(hooked - fast).max() <= TOL
+
+
 # ---------------------------------------------------------------------------------------------------
 # inspect
 
