@@ -3,6 +3,7 @@ with a Korean WordPiece tokenizer trained with ``tokenizers`` on KorSTS (or on o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -182,6 +183,20 @@ def tiny_roberta(tmp_path_factory) -> Path:
 def tiny_bert(tmp_path_factory) -> Path:
     """klue/bert-base-like tiny model as in ko-sbert-nli: 128 tokens."""
     return make_checkpoint(tmp_path_factory.mktemp("bert"), "bert", max_seq_length=128)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one intra-op thread, restoring the count after. Tiny models gain nothing from a
+    second thread, and on a shared 2-core machine OpenMP's spinning barrier made them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def st_model(path):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SEED_CONFIGS, corpus, make_checkpoint, st_model
+from conftest import SEED_CONFIGS, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import SentenceEncoder
 from minisbert.errors import CheckpointError, ConfigError
@@ -70,10 +70,8 @@ _CHECKPOINTS: dict = {}
 def one_thread():
     """64-wide models: a second intra-op thread only adds synchronisation, and on a shared 2-core
     machine oversubscription made this file 6x slower (231 s vs 35 s). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_checkpoint, st_model
+from conftest import make_checkpoint, single_thread, st_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,10 +33,8 @@ FUZZ = settings(max_examples=50, deadline=None, database=None,
 @pytest.fixture(autouse=True)
 def one_thread():
     # Hundreds of tiny forwards: OpenMP's barrier on a loaded 2-core machine would dominate.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

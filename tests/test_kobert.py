@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korsts_sentences
+from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korsts_sentences, single_thread
 
 from minisbert import SentenceEncoder
 from minisbert.errors import ModelNotFoundError
@@ -135,10 +135,8 @@ def kobert(tmp_path_factory) -> Path:
 def one_thread():
     """A 64-wide model gains nothing from threads, and on a shared 2-core machine two spinning
     intra-op threads made encoding ~15x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

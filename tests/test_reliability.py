@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, corpus, make_checkpoint, st_model
+from conftest import REPO, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
 from minisbert.errors import MinisbertError
@@ -34,10 +34,8 @@ ARCHS = ["bert", "roberta", pytest.param("deberta-v2", marks=pytest.mark.skipif(
 def one_thread():
     # On a loaded 2-core machine OpenMP's barrier costs ~0.4 s per forward; these tests time and
     # repeat many small forwards, and the properties they test hold at any thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
