@@ -241,3 +241,16 @@ def test_gpu_fast_path_close_to_fp32(dtype, tiny_models):
     mask = (torch.arange(10, device="cuda")[None] < torch.tensor([[10], [3], [0], [7]], device="cuda")).long()
     diff = (kernels.mean_pool(x, mask, compile=True).float() - mean_pool(x, mask).float()).abs()
     assert diff.max() <= 1e-2, f"compiled CUDA pooling: max {diff.max():.3e}"
+
+
+def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm():
+    """A text's packed rows give bitwise the same output alone (few rows) as inside a big batch."""
+    from minisbert.fast import Linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(768, 768), torch.randn(768)
+    lin = Linear(w, b, "aten")
+    x = torch.randn(64, 768)
+    full = lin(x)
+    for n in (1, 2, 3, 5, 7, 9, 11, 12, 13):
+        assert torch.equal(lin(x[:n]), full[:n]), f"{n} rows"
