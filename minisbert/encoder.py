@@ -225,23 +225,29 @@ class SentenceEncoder:
         return min(-(-n_tokens // PAD_MULTIPLE) * PAD_MULTIPLE, max(n_tokens, self.arch.max_tokens(self.model.config)))
 
     def embed_batch(self, texts: list[str], normalize: bool = False) -> torch.Tensor:
-        """One batch of texts -> (B, embedding_dim) embeddings in float32, on the model's device.
+        """One batch of texts -> (B, embedding_dim) embeddings in float32, on the model's device."""
+        return self.embed_ids(self.tokenizer.encode_ids(texts), normalize)
 
-        Texts run in groups of equal ``padded_length``, so each embedding is the same in any batch."""
-        ids = self.tokenizer.encode_ids(texts)
+    def embed_ids(self, ids: list[list[int]], normalize: bool = False) -> torch.Tensor:
+        """One batch of token ids (``tokenizer.encode_ids``) -> (B, embedding_dim) float32 embeddings.
+
+        Texts are padded in groups of equal ``padded_length``, so each embedding is the same in any batch.
+        The reference path runs group by group; the fast path runs every group's tokens through each
+        linear layer at once and attention group by group."""
         groups: dict[int, list[int]] = {}
         for b, row in enumerate(ids):
             groups.setdefault(self.padded_length(len(row)), []).append(b)
+        padded = [self.tokenizer.pad([ids[b] for b in rows], self.device, T) for T, rows in groups.items()]
         emb = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32, device=self.device)
+        modes = self.layout.pooling.modes
         # Hooks attach to the reference modules, which the packed fast path does not call.
         runner = None if has_hooks(self.model) else self._fast_runner
-        for T, rows in groups.items():
-            input_ids, attention_mask = self.tokenizer.pad([ids[b] for b in rows], self.device, T)  # (b, T)
-            if runner is not None:
-                emb[rows] = runner.embed(input_ids, attention_mask, self.layout.pooling.modes).float()
-            else:
+        if runner is not None:
+            emb[[b for rows in groups.values() for b in rows]] = runner.embed(padded, modes).float()
+        else:
+            for rows, (input_ids, attention_mask) in zip(groups.values(), padded):  # each (b, T)
                 states = self.model(input_ids, attention_mask)  # (b, T, C)
-                emb[rows] = pool(states, attention_mask, self.layout.pooling.modes).float()  # (b, embedding_dim)
+                emb[rows] = pool(states, attention_mask, modes).float()  # (b, embedding_dim)
         if self.layout.normalize or normalize:
             emb = F.normalize(emb, p=2, dim=1)
         return emb
@@ -264,21 +270,29 @@ class SentenceEncoder:
         out = torch.empty((len(texts), self.embedding_dim), dtype=torch.float32, device=self.device)
         # Longest first, like sentence-transformers: similar lengths share a batch, less padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        batches = [order[start: start + batch_size] for start in range(0, len(texts), batch_size)]
-        if self._fast_runner is not None and hasattr(self.tokenizer, "encode_ids"):
-            # Packed path: longest first by token count, batches filled to a token budget.
-            # Planned per chunk of the longest-first order, so that only one chunk's token ids exist at a
-            # time (all 100k texts' ids at once cost ~200 MB of Python lists).
-            chunks = (order[s: s + PLAN_CHUNK] for s in range(0, len(order), PLAN_CHUNK))
-            batches = [[chunk[i] for i in batch] for chunk in chunks for batch in token_batches(
-                self.tokenizer.encode_ids([texts[i] for i in chunk]), batch_size, self.max_seq_length)]
         if show_progress_bar is None:
-            show_progress_bar = len(batches) >= 32 and sys.stderr.isatty()
+            show_progress_bar = len(texts) >= 32 * batch_size and sys.stderr.isatty()
+        progress = None
         if show_progress_bar:
             from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="Batches", unit="batch")
-        for index in batches:
-            out[index] = self.embed_batch([texts[i] for i in index], normalize_embeddings)
+            progress = tqdm(total=len(texts), desc="Batches", unit="text")
+        # Tokenized one chunk of the longest-first order at a time, so that only one chunk's token ids
+        # exist at once (all 100k texts' ids cost ~200 MB of Python lists); a whole number of batches.
+        step = -(-PLAN_CHUNK // batch_size) * batch_size
+        for start in range(0, len(order), step):
+            chunk = order[start: start + step]
+            ids = self.tokenizer.encode_ids([texts[i] for i in chunk])
+            if self._fast_runner is not None:
+                # Packed path: longest first by token count, batches filled to a token budget.
+                batches = token_batches(ids, batch_size, self.max_seq_length)
+            else:
+                batches = [range(s, min(s + batch_size, len(chunk))) for s in range(0, len(chunk), batch_size)]
+            for batch in batches:
+                out[[chunk[i] for i in batch]] = self.embed_ids([ids[i] for i in batch], normalize_embeddings)
+                if progress is not None:
+                    progress.update(len(batch))
+        if progress is not None:
+            progress.close()
         if single:
             out = out[0]
         return out.cpu().numpy() if convert_to_numpy else out

@@ -4,14 +4,14 @@ The reference forward (``minisbert/models/*.py``) runs every row of a padded (B,
 linear layer. The fast path here runs the same math on the real tokens only:
 
 - **unpadded (packed) tokens**: embeddings, every linear, GELU, LayerNorm and the residuals run on
-  (N, C) with N = the number of real tokens in the batch; only attention needs the (B, T) layout, so
-  q/k/v are scattered into a zero-padded buffer for ``scaled_dot_product_attention`` (with the same
-  padding bias as the reference) and gathered back. A row's result cannot depend on its neighbours'
-  lengths beyond attention's padded keys, which get exactly zero probability, as in the reference;
+  (N, C) with N = the number of real tokens in the batch; only attention needs a padded layout, so
+  q/k/v are scattered into zero-padded (b, T) buffers for ``scaled_dot_product_attention`` (with the
+  same padding bias as the reference) and gathered back. A batch may hold several groups of texts,
+  each padded to its own length: the linears see all their tokens at once, attention runs per group;
 - **one fused q/k/v linear** (C -> 3C) instead of three, so each block runs four GEMMs of good shape;
-- **linears**: ``F.linear`` (MKL sgemm) by default, the faster one on the development machine (AVX2
-  only); ``MINISBERT_LINEAR=mkldnn`` switches to oneDNN with pre-packed weights
-  (``torch.ops.mkldnn._linear_pointwise``, exact GELU fused into the up-projection);
+- **linears**: oneDNN with pre-packed weights (``torch.ops.mkldnn._linear_pointwise``, exact GELU
+  fused into the up-projection) on CPUs with AVX-512 or AMX, ``F.linear`` (MKL sgemm) elsewhere,
+  where it measured faster; ``MINISBERT_LINEAR=aten|mkldnn`` overrides;
 - DeBERTa-v2's c2p/p2c terms are folded into the additive attention bias of the same
   ``scaled_dot_product_attention`` call;
 - the sentence embedding is pooled straight from the packed tokens (``kernels.packed_mean_pool``);
@@ -99,9 +99,12 @@ def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
         return "aten"
     if choice in ("aten", "mkldnn"):
         return choice if choice == "aten" or mkldnn_usable(dtype) else "aten"
-    # Measured on the development machine (AMD EPYC, AVX2 only, 2 cores; notes/issue4.md): oneDNN's
-    # prepacked fp32 linear was 10-20% slower than MKL's sgemm behind F.linear at every BERT shape,
-    # and oneDNN refuses bf16 without AVX-512. So MKL unless asked otherwise.
+    # Measured (scripts/bench.py, README "Performance"): on AVX-512 CPUs oneDNN's prepacked fp32 linear
+    # runs at 210-225 GFLOP/s for BERT's shapes against 150-200 for MKL's sgemm behind F.linear (AMD
+    # EPYC Zen 4, 2 cores), and bf16 at ~440. On an AVX2-only EPYC oneDNN was 10-20% slower than MKL
+    # and refuses bf16, so MKL there.
+    if torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) and mkldnn_usable(dtype):
+        return "mkldnn"
     return "aten"
 
 
@@ -139,8 +142,8 @@ class PackedBlock:
     """One post-LN block (BERT's or DeBERTa-v2's) on packed tokens. Weights are the reference's tensors,
     except the fused q/k/v weight and bias, which are concatenated copies made here.
 
-    Attention is the only step that needs the padded layout; ``attend(q, k, v)`` is the architecture's
-    part: each (B, H, T, D) in, (B, H, T, D) out.
+    Attention is the only step that needs a padded layout; ``attend(g, q, k, v)`` is the architecture's
+    part for group ``g`` of the ``Packing``: each (b, H, T, D) in, (b, H, T, D) out.
     """
 
     def __init__(self, block: nn.Module, backend: str, hidden_act: str):
@@ -159,38 +162,63 @@ class PackedBlock:
     def __call__(self, x: torch.Tensor, layout: "Packing", attend) -> torch.Tensor:
         N, C = x.shape
         H, D = self.n_head, C // self.n_head
-        B, T = layout.shape
-        qkv = layout.pad(self.qkv(x))  # (B, T, 3C), pads zero
-        q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        y = layout.unpad(attend(q, k, v).transpose(1, 2).reshape(B, T, C))  # (N, C)
+        heads = []
+        # One q/k/v GEMM over every group's tokens; attention per group, in its own padded length.
+        for g, qkv in enumerate(layout.pad(self.qkv(x))):  # each (b, T, 3C)
+            b, T, _ = qkv.shape
+            q, k, v = qkv.view(b, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (b, H, T, D)
+            heads.append(attend(g, q, k, v).transpose(1, 2).reshape(b, T, C))
+        y = layout.unpad(heads)  # (N, C)
         x = self.attn_ln(x + self.out(y))  # post-LN, as the reference block
         x = self.ffn_ln(x + self.down(self.up(x)))
         return x
 
 
 class Packing:
-    """Where the N real tokens of a right-padded (B, T) batch sit: ``pad``/``unpad`` move between layouts."""
+    """Where the N real tokens of one or more right-padded batches ("groups", each (b, T) with its own
+    T) sit in the packed (N, ...) layout: group after group, row after row, pads left out.
 
-    def __init__(self, attention_mask: torch.Tensor):
-        self.shape = tuple(attention_mask.shape)
-        self.mask = attention_mask.bool()  # (B, T)
-        self.index = self.mask.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened batch
-        self.lengths = attention_mask.sum(dim=1)  # (B,)
+    ``pad`` gives each group back in its (b, T, ...) layout, ``unpad`` packs them. Groups let texts of
+    different padded lengths share every linear layer's GEMM while each text's attention still runs at
+    its own padded length (so its result cannot depend on its batch).
+    """
 
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) -> (N, ...)."""
-        return x.flatten(0, 1).index_select(0, self.index)
+    def __init__(self, masks: torch.Tensor | list[torch.Tensor]):
+        masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+        self.shapes = [tuple(m.shape) for m in masks]
+        flat = [m.bool().flatten() for m in masks]  # each (b * T,)
+        self.index = [f.nonzero().squeeze(1) for f in flat]  # each (n,): real positions in the group
+        self.counts = [len(i) for i in self.index]
+        self.lengths = torch.cat([m.sum(dim=1) for m in masks])  # (B,) tokens per text, all groups
+        # For ``pad``: the packed row each padded position reads. Pads read their group's first token, so
+        # a gather builds the padded layout in one pass (no zero fill), and pads hold finite values.
+        self.source, offset = [], 0
+        for f, index, n in zip(flat, self.index, self.counts):
+            source = torch.full(f.shape, offset, dtype=torch.long, device=f.device)
+            source[index] = torch.arange(offset, offset + n, device=f.device)
+            self.source.append(source)
+            offset += n
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) -> (B, T, ...) with zeros at the pads."""
-        B, T = self.shape
-        out = x.new_zeros((B * T,) + tuple(x.shape[1:]))
-        out.index_copy_(0, self.index, x)
-        return out.view((B, T) + tuple(x.shape[1:]))
+    def unpad(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Per group (b, T, ...) -> (N, ...)."""
+        parts = [x.flatten(0, 1).index_select(0, i) for x, i in zip(xs, self.index)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def pad(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(N, ...) -> per group (b, T, ...). A pad position holds a copy of its group's first token:
+        attention masks it with the padding bias (any finite key gives exactly zero probability, as the
+        reference's), and pooling masks it too."""
+        return [x.index_select(0, source).view((b, T) + tuple(x.shape[1:]))
+                for source, (b, T) in zip(self.source, self.shapes)]
+
+
+Batch = list[tuple[torch.Tensor, torch.Tensor]]  # groups of (b, T) input_ids and attention_mask
 
 
 class FastEncoder:
-    """Packed-token forward of a reference model: ``__call__`` gives states, ``embed`` pooled vectors."""
+    """Packed-token forward of a reference model: ``__call__`` gives states, ``embed`` pooled vectors.
+
+    Both take a list of groups, each a right-padded (b, T) ``input_ids`` and ``attention_mask``."""
 
     def __init__(self, model: nn.Module, backend: str | None = None):
         p = next(model.parameters())
@@ -201,31 +229,32 @@ class FastEncoder:
                         "expect it to be several times slower than float32", p.dtype)
         self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act) for b in model.blocks]
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
-        """(B, T) ids and mask -> packed last hidden states (N, C) and their layout."""
+    def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
+        """Groups of (b, T) ids and mask -> packed last hidden states (N, C) and their layout."""
         raise NotImplementedError
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
-        """(B, T) ids and mask -> (B, C * len(modes)) pooled embeddings, in the model's dtype."""
-        x, layout = self(input_ids, attention_mask)  # (N, C)
+    def embed(self, groups: Batch, modes: tuple[str, ...]) -> torch.Tensor:
+        """Groups of (b, T) ids and mask -> (sum of b, C * len(modes)) pooled embeddings, group after
+        group, in the model's dtype."""
+        x, layout = self(groups)  # (N, C)
         if modes == ("mean",):
             return kernels.packed_mean(x, layout.lengths)
         # Other modes are rare and cheap: pad back and use the reference pooling.
-        return pool(layout.pad(x), attention_mask, modes)
+        return torch.cat([pool(states, mask, modes) for states, (_, mask) in zip(layout.pad(x), groups)])
 
 
 class FastBert(FastEncoder):
     """``models.bert.BertModel`` and ``models.roberta.RobertaModel``."""
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
-        layout = Packing(attention_mask)
-        # Positions from the reference function on the padded batch (RoBERTa's depend on the ids).
-        positions = layout.unpad(self.model.position_ids(input_ids))  # (N,)
-        x = self.model.embed(layout.unpad(input_ids), positions)  # (N, C)
-        bias = padding_bias(attention_mask, x.dtype)  # (B, 1, 1, T)
+    def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
+        layout = Packing([mask for _, mask in groups])
+        # Positions from the reference function on each padded group (RoBERTa's depend on the ids).
+        positions = layout.unpad([self.model.position_ids(ids) for ids, _ in groups])  # (N,)
+        x = self.model.embed(layout.unpad([ids for ids, _ in groups]), positions)  # (N, C)
+        biases = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
 
-        def attend(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, D)
+        def attend(g, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=biases[g])  # (b, H, T, D)
 
         for block in self.blocks:
             x = block(x, layout, attend)
@@ -236,32 +265,31 @@ class FastDebertaV2(FastEncoder):
     """``models.deberta_v2.DebertaV2Model``: the c2p/p2c terms and the padding become one additive
     bias for ``scaled_dot_product_attention``, whose own scale is DeBERTa's 1/sqrt(D * (1 + terms))."""
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+    def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
         from minisbert.models.deberta_v2 import RelativePositions, relative_positions
 
         model, cfg = self.model, self.model.config
-        B, T = input_ids.shape
-        layout = Packing(attention_mask)
-        # The reference embedding on the padded batch (cheap: a lookup and a LayerNorm), then packed.
-        x = layout.unpad(model.embed(input_ids, attention_mask))  # (N, C)
-        rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
-        rp = RelativePositions(*(t.to(x.device) for t in rp[:3]), rp.rows)
+        layout = Packing([mask for _, mask in groups])
+        # The reference embedding on each padded group (cheap: a lookup and a LayerNorm), then packed.
+        x = layout.unpad([model.embed(ids, mask) for ids, mask in groups])  # (N, C)
+        rel = []  # per group: relative-position buckets for its length
+        for ids, _ in groups:
+            rp = relative_positions(ids.shape[1], cfg.att_span, cfg.position_buckets, cfg.max_relative)
+            rel.append(RelativePositions(*(t.to(x.device) for t in rp[:3]), rp.rows))
         # Pad keys get the dtype's minimum, as the reference's masked_fill; pad query rows are dropped.
-        pad_keys = padding_bias(attention_mask, x.dtype)  # (B, 1, 1, T)
+        pad_keys = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
         for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, model.position_projections()):
-            scale = ref.attn.scale
-            pos_k = pos_k[:, rp.rows] if pos_k is not None else None  # (H, R, D)
-            pos_q = pos_q[:, rp.rows] if pos_q is not None else None
 
-            def attend(q, k, v, pos_k=pos_k, pos_q=pos_q, scale=scale):
-                Bq, H, Tq, _ = q.shape
-                terms = []
+            def attend(g, q, k, v, pos_k=pos_k, pos_q=pos_q, scale=ref.attn.scale):
+                b, H, T, _ = q.shape
+                rp, terms = rel[g], []
                 if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)]
-                    terms.append((q @ pos_k.transpose(-1, -2)).gather(-1, rp.c2p.expand(Bq, H, Tq, Tq)) / scale)
+                    c2p = q @ pos_k[:, rp.rows].transpose(-1, -2)  # (b, H, T, R)
+                    terms.append(c2p.gather(-1, rp.c2p.expand(b, H, T, T)) / scale)
                 if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)], transposed to (i, j)
-                    p2c = (k @ pos_q.transpose(-1, -2)).gather(-1, rp.p2c.expand(Bq, H, Tq, Tq))
+                    p2c = (k @ pos_q[:, rp.rows].transpose(-1, -2)).gather(-1, rp.p2c.expand(b, H, T, T))
                     terms.append(p2c.transpose(-1, -2) / scale)
-                bias = pad_keys + sum(terms[1:], terms[0]) if terms else pad_keys  # (B, H, T, T)
+                bias = pad_keys[g] + sum(terms[1:], terms[0]) if terms else pad_keys[g]  # (b, H, T, T)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)
 
             x = block(x, layout, attend)

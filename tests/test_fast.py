@@ -79,11 +79,25 @@ def test_compiled_pooling_on_cpu():
 def test_packing_round_trip_hand_sized():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     layout = fast.Packing(mask)
-    x = torch.arange(6.0).view(2, 3, 1)  # (B, T, 1)
-    packed = layout.unpad(x)
-    assert packed.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert layout.pad(packed).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 0.0, 0.0]
+    x = torch.arange(1.0, 7.0).view(2, 3, 1)  # (B, T, 1)
+    packed = layout.unpad([x])
+    assert packed.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+    # Pads hold a copy of the group's first token (finite; attention and pooling mask them).
+    assert layout.pad(packed)[0].flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 1.0, 1.0]
     assert layout.lengths.tolist() == [3, 1]
+
+
+def test_packing_groups_of_different_lengths_hand_sized():
+    masks = [torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[1, 0, 0, 0, 0]])]  # (2, 3) and (1, 5)
+    layout = fast.Packing(masks)
+    xs = [torch.arange(1.0, 7.0).view(2, 3, 1), torch.arange(10.0, 15.0).view(1, 5, 1)]
+    packed = layout.unpad(xs)
+    assert packed.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
+    back = layout.pad(packed)
+    assert [tuple(t.shape) for t in back] == [(2, 3, 1), (1, 5, 1)]
+    assert back[0].flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 1.0]
+    assert back[1].flatten().tolist() == [10.0, 10.0, 10.0, 10.0, 10.0]
+    assert layout.lengths.tolist() == [3, 2, 1]
 
 
 def test_token_batches_hand_sized():
@@ -243,14 +257,18 @@ def test_gpu_fast_path_close_to_fp32(dtype, tiny_models):
     assert diff.max() <= 1e-2, f"compiled CUDA pooling: max {diff.max():.3e}"
 
 
-def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm():
+@pytest.mark.parametrize("backend", ["aten", "mkldnn"])
+def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm(backend):
     """A text's packed rows give bitwise the same output alone (few rows) as inside a big batch."""
     from minisbert.fast import Linear
 
+    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+        pytest.skip("oneDNN linear is not available")
     torch.manual_seed(0)
-    w, b = torch.randn(768, 768), torch.randn(768)
-    lin = Linear(w, b, "aten")
-    x = torch.randn(64, 768)
-    full = lin(x)
-    for n in (1, 2, 3, 5, 7, 9, 11, 12, 13):
-        assert torch.equal(lin(x[:n]), full[:n]), f"{n} rows"
+    for n_in, n_out, act in ((768, 768, None), (3072, 768, None), (768, 3072, "gelu")):
+        w, b = torch.randn(n_out, n_in), torch.randn(n_out)
+        lin = Linear(w, b, backend, act=act)
+        x = torch.randn(300, n_in)
+        full = lin(x)
+        for n in (1, 2, 3, 5, 7, 9, 11, 12, 13, 17, 64, 129):
+            assert torch.equal(lin(x[:n]), full[:n]), f"{backend} {n_in}->{n_out}: {n} rows"
