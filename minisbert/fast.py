@@ -281,16 +281,22 @@ class FastDebertaV2(FastEncoder):
         for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, model.position_projections()):
 
             def attend(g, q, k, v, pos_k=pos_k, pos_q=pos_q, scale=ref.attn.scale):
-                b, H, T, _ = q.shape
-                rp, terms = rel[g], []
+                # Heads first: (H, b, T, D) views. Then the relative terms are one (b*T, D) @ (D, R)
+                # GEMM per head, and sdpa takes (H, b) as its batch dims; a (b, H, T, D) @ (H, D, R)
+                # broadcast would copy the position table once per text.
+                q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+                H, b, T, D = q.shape
+                rp, bias = rel[g], pad_keys[g].view(1, b, 1, T)
                 if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)]
-                    c2p = q @ pos_k[:, rp.rows].transpose(-1, -2)  # (b, H, T, R)
-                    terms.append(c2p.gather(-1, rp.c2p.expand(b, H, T, T)) / scale)
+                    c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, rp.rows].transpose(-1, -2))  # (H, bT, R)
+                    c2p = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T))  # (H, b, T, T)
+                    bias = bias + c2p.div_(scale)
                 if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)], transposed to (i, j)
-                    p2c = (k @ pos_q[:, rp.rows].transpose(-1, -2)).gather(-1, rp.p2c.expand(b, H, T, T))
-                    terms.append(p2c.transpose(-1, -2) / scale)
-                bias = pad_keys[g] + sum(terms[1:], terms[0]) if terms else pad_keys[g]  # (b, H, T, T)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)
+                    p2c = torch.matmul(k.reshape(H, b * T, D), pos_q[:, rp.rows].transpose(-1, -2))
+                    p2c = p2c.view(H, b, T, -1).gather(-1, rp.p2c.expand(H, b, T, T))  # (H, b, T, T) as [j, i]
+                    bias = bias + p2c.div_(scale).transpose(-1, -2)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)  # (H, b, T, D)
+                return out.transpose(0, 1)  # (b, H, T, D)
 
             x = block(x, layout, attend)
         return x, layout
