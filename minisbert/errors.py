@@ -19,3 +19,7 @@ class UnsupportedModuleError(MinisbertError, ValueError):
 
 class ModelNotFoundError(MinisbertError, OSError):
     """A path, short name or hub id that cannot be found (or fetched) with its needed files."""
+
+
+class MissingDependencyError(MinisbertError, ImportError):
+    """An optional package a model needs is not installed (e.g. sentencepiece for KoBERT)."""

@@ -27,17 +27,13 @@ from pathlib import Path
 
 import torch
 
-from minisbert.errors import ConfigError, MinisbertError, ModelNotFoundError
+from minisbert.errors import ConfigError, MissingDependencyError, ModelNotFoundError
 from minisbert.tokenizer import TextTokenizer, _read_json, _token_str
 
 SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-start marker
 MODEL_FILE = "tokenizer_78b3253a26.model"  # the name KoBertTokenizer.from_pretrained looks for
 SPECIAL_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                     "mask_token": "[MASK]"}
-
-
-class MissingDependencyError(MinisbertError, ImportError):
-    """An optional package a model needs is not installed."""
 
 
 def _sentencepiece(model_file: Path):

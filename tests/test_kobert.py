@@ -20,8 +20,8 @@ import torch
 from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korsts_sentences, single_thread
 
 from minisbert import SentenceEncoder
-from minisbert.errors import ModelNotFoundError
-from minisbert.kobert import KoBertTokenizer, MissingDependencyError, preprocess_text, split_digit_comma
+from minisbert.errors import MissingDependencyError, ModelNotFoundError
+from minisbert.kobert import KoBertTokenizer, preprocess_text, split_digit_comma
 
 spm = pytest.importorskip("sentencepiece")
 
