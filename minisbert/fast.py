@@ -5,9 +5,10 @@ linear layer. The fast path here runs the same math on the real tokens only:
 
 - **unpadded (packed) tokens**: embeddings, every linear, GELU, LayerNorm and the residuals run on
   (N, C) with N = the number of real tokens in the batch; only attention needs a padded layout, so
-  q/k/v are scattered into zero-padded (b, T) buffers for ``scaled_dot_product_attention`` (with the
-  same padding bias as the reference) and gathered back. A batch may hold several groups of texts,
-  each padded to its own length: the linears see all their tokens at once, attention runs per group;
+  q/k/v are gathered into padded (b, T) buffers for ``scaled_dot_product_attention`` (pads copy a
+  real token; the same padding bias as the reference masks them) and gathered back. A batch may hold
+  several groups of texts, each padded to its own length: the linears see all their tokens at once,
+  attention runs per group;
 - **one fused q/k/v linear** (C -> 3C) instead of three, so each block runs four GEMMs of good shape;
 - **linears**: oneDNN with pre-packed weights (``torch.ops.mkldnn._linear_pointwise``, exact GELU
   fused into the up-projection) on CPUs with AVX-512 or AMX, ``F.linear`` (MKL sgemm) elsewhere,
@@ -100,8 +101,8 @@ def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     if choice in ("aten", "mkldnn"):
         return choice if choice == "aten" or mkldnn_usable(dtype) else "aten"
     # Measured (scripts/bench.py, README "Performance"): on AVX-512 CPUs oneDNN's prepacked fp32 linear
-    # runs at 210-225 GFLOP/s for BERT's shapes against 150-200 for MKL's sgemm behind F.linear (AMD
-    # EPYC Zen 4, 2 cores), and bf16 at ~440. On an AVX2-only EPYC oneDNN was 10-20% slower than MKL
+    # runs at 200-225 GFLOP/s for BERT's shapes against 150-200 for MKL's sgemm behind F.linear (AMD
+    # EPYC with AVX-512, 2 cores), and bf16 at ~440. On an AVX2-only EPYC oneDNN was 10-20% slower than MKL
     # and refuses bf16, so MKL there.
     if torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) and mkldnn_usable(dtype):
         return "mkldnn"
@@ -281,9 +282,9 @@ class FastDebertaV2(FastEncoder):
         for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, model.position_projections()):
 
             def attend(g, q, k, v, pos_k=pos_k, pos_q=pos_q, scale=ref.attn.scale):
-                # Heads first: (H, b, T, D) views. Then the relative terms are one (b*T, D) @ (D, R)
-                # GEMM per head, and sdpa takes (H, b) as its batch dims; a (b, H, T, D) @ (H, D, R)
-                # broadcast would copy the position table once per text.
+                # Heads first: (H, b, T, D) views. Then the relative terms are one batched (b*T, D) @
+                # (D, R) GEMM over the heads, and sdpa takes (H, b) as its batch dims; a (b, H, T, D) @
+                # (H, D, R) broadcast would copy the position table once per text.
                 q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
                 H, b, T, D = q.shape
                 rp, bias = rel[g], pad_keys[g].view(1, b, 1, T)
