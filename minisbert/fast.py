@@ -109,6 +109,11 @@ def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "aten"
 
 
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, K) -> (rows, K) with zero rows appended (x itself when N == rows)."""
+    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
+
+
 class Linear:
     """y = x W^T + b with the weight prepared once for the chosen backend; ``act`` is fused if it can be."""
 
@@ -123,25 +128,19 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
+        if self.backend == "mkldnn":
+            # oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per
+            # batch's token count grew the process by 2.4 GB over 100k texts. Blocks of BLOCK rows and a
+            # tail padded with zero rows to a multiple of TAIL bound it to BLOCK / TAIL shapes per layer
+            # (and keep every GEMM above 1 row, the one count oneDNN rounds differently).
+            parts = [self._onednn(pad_rows(block, max(1, -(-block.shape[0] // self.TAIL)) * self.TAIL))[: len(block)]
+                     for block in x.split(self.BLOCK)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         if N < 12 and N not in (4, 8):
             # MKL picks another kernel (other rounding) for a few rows: 1-3, 5-7, 9-11 rows differ from
             # the same rows inside a larger GEMM. Zero rows up to 8 or 16 keep a text's embedding the
             # same whatever else shares its batch.
-            x = torch.cat([x, x.new_zeros(8 - N if N < 8 else 16 - N, x.shape[1])])
-            return self(x)[:N]
-        if self.backend == "mkldnn":
-            if N <= self.BLOCK and N % self.TAIL == 0:
-                return self._onednn(x)
-            # oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per
-            # batch's token count grew the process by 2.4 GB over 100k texts. Blocks of BLOCK rows and a
-            # tail padded with zero rows to a multiple of TAIL bound it to BLOCK / TAIL shapes per layer.
-            parts = []
-            for block in x.split(self.BLOCK):
-                n = block.shape[0]
-                if n % self.TAIL:
-                    block = torch.cat([block, block.new_zeros(self.TAIL - n % self.TAIL, block.shape[1])])
-                parts.append(self._onednn(block)[:n])
-            return torch.cat(parts)
+            return self(pad_rows(x, 8 if N < 8 else 16))[:N]
         y = F.linear(x, self.weight, self.bias)
         return ACTIVATIONS[self.act](y) if self.act else y
 
