@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from minisbert import checkpoint, hub
 from minisbert.errors import ConfigError, ModelNotFoundError, UnsupportedModuleError
-from minisbert.fast import guard_forked_children, token_batches
+from minisbert.fast import guard_forked_children, to_device, token_batches
 from minisbert.models import ARCHITECTURES
 from minisbert.pooling import PoolingConfig, pool
 from minisbert.tokenizer import TextTokenizer, clean_text
@@ -237,15 +237,19 @@ class SentenceEncoder:
         groups: dict[int, list[int]] = {}
         for b, row in enumerate(ids):
             groups.setdefault(self.padded_length(len(row)), []).append(b)
-        padded = [self.tokenizer.pad([ids[b] for b in rows], self.device, T) for T, rows in groups.items()]
-        emb = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32, device=self.device)
+        # Padded on the host: the fast path builds its token layout there and sends it once.
+        padded = [self.tokenizer.pad([ids[b] for b in rows], "cpu", T) for T, rows in groups.items()]
         modes = self.layout.pooling.modes
         # Hooks attach to the reference modules, which the packed fast path does not call.
         runner = None if has_hooks(self.model) else self._fast_runner
         if runner is not None:
-            emb[[b for rows in groups.values() for b in rows]] = runner.embed(padded, modes).float()
+            pooled = runner.embed(padded, modes).float()  # (B, embedding_dim), group after group
+            order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), self.device)
+            emb = torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``
         else:
+            emb = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32, device=self.device)
             for rows, (input_ids, attention_mask) in zip(groups.values(), padded):  # each (b, T)
+                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
                 states = self.model(input_ids, attention_mask)  # (b, T, C)
                 emb[rows] = pool(states, attention_mask, modes).float()  # (b, embedding_dim)
         if self.layout.normalize or normalize:
@@ -287,10 +291,13 @@ class SentenceEncoder:
                 batches = token_batches(ids, batch_size, self.max_seq_length)
             else:
                 batches = [range(s, min(s + batch_size, len(chunk))) for s in range(0, len(chunk), batch_size)]
+            parts = []  # written into ``out`` once per chunk: on CUDA each indexed write waits for the GPU
             for batch in batches:
-                out[[chunk[i] for i in batch]] = self.embed_ids([ids[i] for i in batch], normalize_embeddings)
+                parts.append(self.embed_ids([ids[i] for i in batch], normalize_embeddings))
                 if progress is not None:
                     progress.update(len(batch))
+            rows = torch.tensor([chunk[i] for batch in batches for i in batch])
+            out.index_copy_(0, to_device(rows, self.device), torch.cat(parts))
         if progress is not None:
             progress.close()
         if single:

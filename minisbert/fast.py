@@ -190,6 +190,15 @@ class PackedBlock:
         return x
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory, so the copy does not wait for the GPU."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Packing:
     """Where the N real tokens of one or more right-padded batches ("groups", each (b, T) with its own
     T) sit in the packed (N, ...) layout: group after group, row after row, pads left out.
@@ -199,21 +208,28 @@ class Packing:
     its own padded length (so its result cannot depend on its batch).
     """
 
-    def __init__(self, masks: torch.Tensor | list[torch.Tensor]):
+    def __init__(self, masks: torch.Tensor | list[torch.Tensor], device: torch.device | str | None = None):
         masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+        device = torch.device(device) if device is not None else masks[0].device
+        # The indices are built on the host, where the masks come from (the tokenizer's lists), and sent
+        # once: on CUDA, nonzero() and len() of a device tensor would each stall until the GPU is idle.
+        masks = [m.cpu() for m in masks]
         self.shapes = [tuple(m.shape) for m in masks]
         flat = [m.bool().flatten() for m in masks]  # each (b * T,)
-        self.index = [f.nonzero().squeeze(1) for f in flat]  # each (n,): real positions in the group
-        self.counts = [len(i) for i in self.index]
-        self.lengths = torch.cat([m.sum(dim=1) for m in masks])  # (B,) tokens per text, all groups
+        index = [f.nonzero().squeeze(1) for f in flat]  # each (n,): real positions in the group
+        self.counts = [len(i) for i in index]
+        lengths = torch.cat([m.sum(dim=1) for m in masks])  # (B,) tokens per text, all groups
         # For ``pad``: the packed row each padded position reads. Pads read their group's first token, so
         # a gather builds the padded layout in one pass (no zero fill), and pads hold finite values.
-        self.source, offset = [], 0
-        for f, index, n in zip(flat, self.index, self.counts):
-            source = torch.full(f.shape, offset, dtype=torch.long, device=f.device)
-            source[index] = torch.arange(offset, offset + n, device=f.device)
-            self.source.append(source)
+        source, offset = [], 0
+        for f, i, n in zip(flat, index, self.counts):
+            s = torch.full(f.shape, offset, dtype=torch.long)
+            s[i] = torch.arange(offset, offset + n)
+            source.append(s)
             offset += n
+        self.index = [to_device(i, device) for i in index]
+        self.source = [to_device(s, device) for s in source]
+        self.lengths = to_device(lengths, device)
 
     def unpad(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """Per group (b, T, ...) -> (N, ...)."""
@@ -239,6 +255,7 @@ class FastEncoder:
     def __init__(self, model: nn.Module, backend: str | None = None):
         p = next(model.parameters())
         self.model = model
+        self.device = p.device
         self.backend = backend or default_linear_backend(p.device, p.dtype)
         if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) and not mkldnn_usable(p.dtype):
             log.warning("%s on this CPU has no native kernels (oneDNN needs AVX-512 or AMX for it): "
@@ -246,8 +263,12 @@ class FastEncoder:
         self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act) for b in model.blocks]
 
     def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
-        """Groups of (b, T) ids and mask -> packed last hidden states (N, C) and their layout."""
+        """Groups of (b, T) ids and mask (on the host or the model's device) -> packed last hidden
+        states (N, C) and their layout."""
         raise NotImplementedError
+
+    def on_device(self, groups: Batch) -> Batch:
+        return [(to_device(ids, self.device), to_device(mask, self.device)) for ids, mask in groups]
 
     def embed(self, groups: Batch, modes: tuple[str, ...]) -> torch.Tensor:
         """Groups of (b, T) ids and mask -> (sum of b, C * len(modes)) pooled embeddings, group after
@@ -263,7 +284,8 @@ class FastBert(FastEncoder):
     """``models.bert.BertModel`` and ``models.roberta.RobertaModel``."""
 
     def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
-        layout = Packing([mask for _, mask in groups])
+        layout = Packing([mask for _, mask in groups], self.device)
+        groups = self.on_device(groups)
         # Positions from the reference function on each padded group (RoBERTa's depend on the ids).
         positions = layout.unpad([self.model.position_ids(ids) for ids, _ in groups])  # (N,)
         x = self.model.embed(layout.unpad([ids for ids, _ in groups]), positions)  # (N, C)
@@ -281,17 +303,28 @@ class FastDebertaV2(FastEncoder):
     """``models.deberta_v2.DebertaV2Model``: the c2p/p2c terms and the padding become one additive
     bias for ``scaled_dot_product_attention``, whose own scale is DeBERTa's 1/sqrt(D * (1 + terms))."""
 
+    def __init__(self, model: nn.Module, backend: str | None = None):
+        super().__init__(model, backend)
+        self._relative = {}  # T -> RelativePositions on the model's device
+
     def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
         from minisbert.models.deberta_v2 import RelativePositions, relative_positions
 
         model, cfg = self.model, self.model.config
-        layout = Packing([mask for _, mask in groups])
+        layout = Packing([mask for _, mask in groups], self.device)
+        groups = self.on_device(groups)
         # The reference embedding on each padded group (cheap: a lookup and a LayerNorm), then packed.
         x = layout.unpad([model.embed(ids, mask) for ids, mask in groups])  # (N, C)
-        rel = []  # per group: relative-position buckets for its length
+        rel = []  # per group: relative-position buckets for its length, sent to the device once per length
         for ids, _ in groups:
-            rp = relative_positions(ids.shape[1], cfg.att_span, cfg.position_buckets, cfg.max_relative)
-            rel.append(RelativePositions(*(t.to(x.device) for t in rp[:3]), rp.rows))
+            T = ids.shape[1]
+            if T not in self._relative:
+                if len(self._relative) >= 16:  # (T, T) int64 tables: bound the memory as the CPU cache does
+                    self._relative.clear()
+                rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
+                with torch.inference_mode(False):  # usable outside inference mode too, like the CPU cache
+                    self._relative[T] = RelativePositions(*(to_device(t, x.device) for t in rp[:3]), rp.rows)
+            rel.append(self._relative[T])
         # Pad keys get the dtype's minimum, as the reference's masked_fill; pad query rows are dropped.
         pad_keys = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
         for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, model.position_projections()):

@@ -56,6 +56,11 @@ _COMPILE_FAILED: set = set()
 def _maybe_compiled(fn, compile: bool, *args: torch.Tensor) -> torch.Tensor:
     if compile and fn not in _COMPILE_FAILED:
         try:
+            # Every size unbacked: one graph per dtype serves all shapes, sizes 0 and 1 included (dynamic
+            # shapes alone specialise 1, and the recompiles ran into dynamo's limit of 8 on CUDA).
+            for t in args:
+                for dim in range(t.dim()):
+                    torch._dynamo.decorators.mark_unbacked(t, dim)
             return compiled(fn)(*args)
         except Exception as e:  # noqa: BLE001 - no working compiler (e.g. no C++ toolchain): stay correct
             _COMPILE_FAILED.add(fn)  # do not pay for a failing compile on every batch

@@ -178,23 +178,28 @@ def flops(lengths: list[int], cfg) -> float:
     return float(sum(L * (2 * params * t + 4 * t * t * C) for t in lengths))
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of a (size x size) @ (size x size) GEMM: F.linear (MKL) or oneDNN, whichever is faster."""
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> float:
+    """Best GFLOP/s of a square GEMM on ``device`` (2048^3 on the CPU: F.linear (MKL) or oneDNN, whichever
+    is faster; 8192^3 on CUDA, enough to fill a big GPU)."""
     from minisbert.fast import mkldnn_usable
 
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    size = 8192 if device != "cpu" else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     runs = [lambda: torch.nn.functional.linear(a, b)]
-    if mkldnn_usable(dtype):
+    if device == "cpu" and mkldnn_usable(dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(b)
         runs.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = float("inf")
     with torch.inference_mode():
         for run in runs:
             run()
+            sync()
             for _ in range(repeats):
                 t = time.perf_counter()
                 run()
+                sync()
                 best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best / 1e9
 
@@ -277,9 +282,9 @@ def main(argv=None) -> dict:
         fp32_st = np.asarray(st_torch(st_folder, args.device, torch.float32, ours.max_seq_length).encode(
             texts, batch_size=args.batch_size), dtype=np.float32)
     total_flops = flops(lengths, ours.model.config)
-    peaks = {} if args.no_peak else {"fp32": matmul_peak(torch.float32)}
+    peaks = {} if args.no_peak else {"fp32": matmul_peak(torch.float32, args.device)}
     if not args.no_peak and dtype != torch.float32:
-        peaks[args.dtype] = matmul_peak(dtype)
+        peaks[args.dtype] = matmul_peak(dtype, args.device)
     rows = []
     for name in systems:
         t = statistics.median(times[name])
@@ -316,7 +321,8 @@ def main(argv=None) -> dict:
         print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_st']:>8.2f}"
               f"{vs_onnx:>9}{r['gflops']:>9.1f}{r['max_abs_diff_vs_st']:>11.2e}{r['min_cosine_vs_st']:>10.6f}")
     if peaks:
-        print("matmul peak (2048^3 GEMM): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+        size = 8192 if args.device != "cpu" else 2048
+        print(f"matmul peak ({size}^3 GEMM): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
         bound = result["flop_bound"]
         print(f"FLOP bound (every FLOP of the real tokens at the {args.dtype} peak, nothing else): "
               f"{bound['sentences_per_s']:.1f} sent/s = {bound['vs_st']:.2f}x st"

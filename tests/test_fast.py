@@ -74,6 +74,21 @@ def test_compiled_pooling_on_cpu():
     packed = kernels.compiled(kernels.packed_mean_pool)(x[mask.bool()], mask.sum(1))
     diff = (packed - mean_pool(x, mask)).abs()
     assert diff.max() <= TOL, f"compiled packed pooling: max {diff.max():.3e} mean {diff.mean():.3e}"
+    # Through the public entry points, over shapes that dynamic shapes alone would specialise (sizes 1):
+    # one graph per function serves them all, far from dynamo's recompile limit, so nothing falls back.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(1)
+    for B, T in ((4, 10), (1, 3), (2, 1), (1, 1), (17, 33)):
+        x = torch.randn(B, T, 16, generator=g)
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None] < lengths[:, None]).long()
+        ref = mean_pool(x, mask)
+        assert (kernels.mean_pool(x, mask, compile=True) - ref).abs().max() <= TOL, (B, T)
+        assert (kernels.packed_mean(x[mask.bool()], lengths, compile=True) - ref).abs().max() <= TOL, (B, T)
+    assert not kernels._COMPILE_FAILED
+    assert counters["stats"]["unique_graphs"] - graphs <= 2, "a pooling kernel was recompiled for a new shape"
 
 
 def test_packing_round_trip_hand_sized():
@@ -240,21 +255,54 @@ def test_bench_script_smoke(tmp_path):
         assert row["sentences_per_s"] > 0 and row["max_abs_diff_vs_st"] <= TOL
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_fast_path_close_to_fp32(dtype, tiny_models):
+def test_gpu_fast_path_close_to_fp32(arch, dtype, tiny_models):
+    """fp16/bf16 on CUDA (packed path, compiled pooling) against the fp32 reference on the CPU."""
     texts = corpus(60)
-    want = load(tiny_models, "bert", fast=False).encode(texts)
-    ours = load(tiny_models, "bert", device="cuda", dtype=dtype)
+    want = load(tiny_models, arch, fast=False).encode(texts)
+    ours = load(tiny_models, arch, device="cuda", dtype=dtype)
     assert ours.fast
     got = ours.encode(texts)
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert cos.min() >= 0.999, f"{dtype} on CUDA: min cosine {cos.min():.6f}"
-    x = torch.randn(4, 10, 32, device="cuda", dtype=dtype)
-    mask = (torch.arange(10, device="cuda")[None] < torch.tensor([[10], [3], [0], [7]], device="cuda")).long()
-    diff = (kernels.mean_pool(x, mask, compile=True).float() - mean_pool(x, mask).float()).abs()
-    assert diff.max() <= 1e-2, f"compiled CUDA pooling: max {diff.max():.3e}"
+    assert cos.min() >= 0.999, f"{arch} {dtype} on CUDA: min cosine {cos.min():.6f}"
+    # The reference path on the same GPU and dtype agrees with the packed one.
+    ref = load(tiny_models, arch, device="cuda", dtype=dtype, fast=False).encode(texts)
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() >= 0.999, f"{arch} {dtype} on CUDA, fast vs reference: min cosine {cos.min():.6f}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fp32_fast_path_matches_reference(tiny_models):
+    """fp32 on CUDA: the packed path is the same function as the reference (TF32 off, as torch's default)."""
+    texts = corpus(60)
+    want = load(tiny_models, "bert", fast=False).encode(texts)
+    got = load(tiny_models, "bert", device="cuda").encode(texts)
+    assert max_diff(got, want) <= TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_compiled_pooling_equals_reference(dtype):
+    """Both kernels through torch.compile on CUDA (the default there) against the eager reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tol = TOL if dtype == torch.float32 else 1e-2
+    for B, T, C in ((4, 10, 32), (33, 128, 768), (1, 3, 8)):  # several shapes: one dynamic compile serves all
+        x = torch.randn(B, T, C, device="cuda", generator=g).to(dtype)
+        lengths = torch.randint(0, T + 1, (B,), device="cuda", generator=g)
+        lengths[0] = T
+        mask = (torch.arange(T, device="cuda")[None] < lengths[:, None]).long()
+        ref = mean_pool(x, mask).float()
+        assert (kernels.mean_pool(x, mask).float() - ref).abs().max() <= tol
+        assert (kernels.packed_mean(x[mask.bool()], lengths).float() - ref).abs().max() <= tol
+    assert not kernels._COMPILE_FAILED, "torch.compile failed on CUDA (eager fallback was used)"
 
 
 @pytest.mark.parametrize("backend", ["aten", "mkldnn"])

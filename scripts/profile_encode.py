@@ -1,0 +1,55 @@
+"""Where one ``encode`` spends its time: torch.profiler's top operators (CPU and CUDA) for minisbert's
+fast path, optionally beside sentence-transformers, on the benchmark's workload.
+
+    python scripts/profile_encode.py --model random-bert --device cuda --dtype float16 --n 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench import RANDOM, build_random, st_torch, workload  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random-bert")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rows", type=int, default=20, help="operators to print")
+    p.add_argument("--st", action="store_true", help="profile sentence-transformers too")
+    args = p.parse_args(argv)
+
+    from minisbert import SentenceEncoder
+
+    dtype = getattr(torch, args.dtype)
+    path = build_random(args.model, 128) if args.model in RANDOM else args.model
+    texts = workload(args.n)
+    systems = {"minisbert": SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype)}
+    if args.st:
+        systems["st"] = st_torch(path, args.device, dtype, 128)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    for name, model in systems.items():
+        model.encode(texts[: 4 * args.batch_size], batch_size=args.batch_size)  # warm-up (and compiles)
+        t = time.perf_counter()
+        model.encode(texts, batch_size=args.batch_size)
+        wall = time.perf_counter() - t
+        with torch.profiler.profile(activities=activities) as prof:
+            model.encode(texts, batch_size=args.batch_size)
+        print(f"== {name}: {args.n / wall:.1f} sent/s unprofiled ({wall * 1e3:.0f} ms for {args.n} texts)")
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
