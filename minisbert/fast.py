@@ -57,25 +57,26 @@ def guard_forked_children() -> None:
 
 def token_batches(ids: list[list[int]], batch_size: int, max_seq_length: int) -> list[list[int]]:
     """Indices of the texts in batches for the packed path: longest first by token count, each batch
-    holding at most ``batch_size * max_seq_length`` tokens, the most a padded batch of ``batch_size``
-    could hold, so memory stays bounded as on the reference path.
+    filled with up to ``batch_size * max_seq_length`` real tokens, the most a padded batch of
+    ``batch_size`` could hold, so memory stays bounded as on the reference path.
 
     Unpadded linears cost the same per token whatever the batch, but bigger GEMMs and fewer calls run
-    faster (BERT base, 2 shared cores: 4% with OMP_WAIT_POLICY=PASSIVE, 15% with the default policy;
-    notes/issue4.md), so short texts share bigger batches. ``MINISBERT_TOKEN_BUDGET=0`` turns it off.
+    faster (BERT base, 2 shared cores: 4% with OMP_WAIT_POLICY=PASSIVE, 15% with the default policy),
+    so short texts share bigger batches. Filling by real tokens also makes every full batch's token
+    count land within one text of the budget: few distinct GEMM shapes (see ``Linear``).
+    ``MINISBERT_TOKEN_BUDGET=0`` turns it off.
     """
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     if os.environ.get("MINISBERT_TOKEN_BUDGET", "1") == "0":  # plain batches of batch_size, for A/B runs
         return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
     budget = batch_size * max_seq_length
-    batches, current, longest = [], [], 0
+    batches, current, tokens = [], [], 0
     for i in order:
-        longest = max(longest, len(ids[i]))
-        # The padded attention buffer is (rows x longest), so count the batch as that rectangle.
-        if current and (len(current) + 1) * longest > budget:
+        if current and tokens + len(ids[i]) > budget:
             batches.append(current)
-            current, longest = [], len(ids[i])
+            current, tokens = [], 0
         current.append(i)
+        tokens += len(ids[i])
     if current:
         batches.append(current)
     return batches
@@ -130,12 +131,12 @@ class Linear:
         N = x.shape[0]
         if self.backend == "mkldnn":
             # oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per
-            # batch's token count grew the process by 2.4 GB over 100k texts. Blocks of BLOCK rows and a
-            # tail padded with zero rows to a multiple of TAIL bound it to BLOCK / TAIL shapes per layer
-            # (and keep every GEMM above 1 row, the one count oneDNN rounds differently).
-            parts = [self._onednn(pad_rows(block, max(1, -(-block.shape[0] // self.TAIL)) * self.TAIL))[: len(block)]
-                     for block in x.split(self.BLOCK)]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            # batch's token count grew the process by 2.4 GB over 100k texts. Row counts are multiples
+            # of ROWS (the packed layout is padded once per forward, ``Packing(rows_multiple=...)``), which
+            # bounds the shapes and keeps every GEMM above 1 row, the one count oneDNN rounds differently.
+            if N % self.ROWS:
+                return self._onednn(pad_rows(x, -(-N // self.ROWS) * self.ROWS))[:N]
+            return self._onednn(x)
         if N < 12 and N not in (4, 8):
             # MKL picks another kernel (other rounding) for a few rows: 1-3, 5-7, 9-11 rows differ from
             # the same rows inside a larger GEMM. Zero rows up to 8 or 16 keep a text's embedding the
@@ -144,7 +145,7 @@ class Linear:
         y = F.linear(x, self.weight, self.bias)
         return ACTIVATIONS[self.act](y) if self.act else y
 
-    BLOCK, TAIL = 256, 32
+    ROWS = 32
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "gelu":
@@ -184,7 +185,7 @@ class PackedBlock:
             b, T, _ = qkv.shape
             q, k, v = qkv.view(b, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (b, H, T, D)
             heads.append(attend(g, q, k, v).transpose(1, 2).reshape(b, T, C))
-        y = layout.unpad(heads)  # (N, C)
+        y = layout.unpad(heads)  # (rows, C): N real tokens, then filler rows
         x = self.attn_ln(x + self.out(y))  # post-LN, as the reference block
         x = self.ffn_ln(x + self.down(self.up(x)))
         return x
@@ -208,7 +209,8 @@ class Packing:
     its own padded length (so its result cannot depend on its batch).
     """
 
-    def __init__(self, masks: torch.Tensor | list[torch.Tensor], device: torch.device | str | None = None):
+    def __init__(self, masks: torch.Tensor | list[torch.Tensor], device: torch.device | str | None = None,
+                 rows_multiple: int = 1):
         masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
         device = torch.device(device) if device is not None else masks[0].device
         # The indices are built on the host, where the masks come from (the tokenizer's lists), and sent
@@ -227,17 +229,24 @@ class Packing:
             s[i] = torch.arange(offset, offset + n)
             source.append(s)
             offset += n
+        self.n = offset  # N, real tokens
+        # The packed layout has ``rows`` >= N rows: filler rows (copies of the last group's first token,
+        # so finite) pad it to a multiple of ``rows_multiple``, which bounds the GEMM shapes.
+        self.rows = -(-self.n // rows_multiple) * rows_multiple
+        if self.rows > self.n:
+            first = torch.full((self.rows - self.n,), int(index[-1][0]) if len(index[-1]) else 0)
+            index[-1] = torch.cat([index[-1], first])
         self.index = [to_device(i, device) for i in index]
         self.source = [to_device(s, device) for s in source]
         self.lengths = to_device(lengths, device)
 
     def unpad(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        """Per group (b, T, ...) -> (N, ...)."""
+        """Per group (b, T, ...) -> (rows, ...): the N real tokens, then the filler rows."""
         parts = [x.flatten(0, 1).index_select(0, i) for x, i in zip(xs, self.index)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def pad(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(N, ...) -> per group (b, T, ...). A pad position holds a copy of its group's first token:
+        """(N or rows, ...) -> per group (b, T, ...). A pad position holds a copy of its group's first token:
         attention masks it with the padding bias (any finite key gives exactly zero probability, as the
         reference's), and pooling masks it too."""
         return [x.index_select(0, source).view((b, T) + tuple(x.shape[1:]))
@@ -261,10 +270,20 @@ class FastEncoder:
             log.warning("%s on this CPU has no native kernels (oneDNN needs AVX-512 or AMX for it): "
                         "expect it to be several times slower than float32", p.dtype)
         self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act) for b in model.blocks]
+        # oneDNN: every GEMM's row count a multiple of Linear.ROWS, padded once per forward.
+        self.rows_multiple = Linear.ROWS if self.backend == "mkldnn" else 1
+
+    def layout(self, groups: Batch) -> Packing:
+        return Packing([mask for _, mask in groups], self.device, self.rows_multiple)
 
     def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
         """Groups of (b, T) ids and mask (on the host or the model's device) -> packed last hidden
         states (N, C) and their layout."""
+        x, layout = self.forward(groups)  # (rows, C)
+        return x[: layout.n], layout
+
+    def forward(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
+        """As ``__call__``, with the layout's filler rows still at the end: (rows, C)."""
         raise NotImplementedError
 
     def on_device(self, groups: Batch) -> Batch:
@@ -283,12 +302,12 @@ class FastEncoder:
 class FastBert(FastEncoder):
     """``models.bert.BertModel`` and ``models.roberta.RobertaModel``."""
 
-    def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
-        layout = Packing([mask for _, mask in groups], self.device)
+    def forward(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
+        layout = self.layout(groups)
         groups = self.on_device(groups)
         # Positions from the reference function on each padded group (RoBERTa's depend on the ids).
-        positions = layout.unpad([self.model.position_ids(ids) for ids, _ in groups])  # (N,)
-        x = self.model.embed(layout.unpad([ids for ids, _ in groups]), positions)  # (N, C)
+        positions = layout.unpad([self.model.position_ids(ids) for ids, _ in groups])  # (rows,)
+        x = self.model.embed(layout.unpad([ids for ids, _ in groups]), positions)  # (rows, C)
         biases = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
 
         def attend(g, q, k, v):
@@ -307,14 +326,14 @@ class FastDebertaV2(FastEncoder):
         super().__init__(model, backend)
         self._relative = {}  # T -> RelativePositions on the model's device
 
-    def __call__(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
+    def forward(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
         from minisbert.models.deberta_v2 import RelativePositions, relative_positions
 
         model, cfg = self.model, self.model.config
-        layout = Packing([mask for _, mask in groups], self.device)
+        layout = self.layout(groups)
         groups = self.on_device(groups)
         # The reference embedding on each padded group (cheap: a lookup and a LayerNorm), then packed.
-        x = layout.unpad([model.embed(ids, mask) for ids, mask in groups])  # (N, C)
+        x = layout.unpad([model.embed(ids, mask) for ids, mask in groups])  # (rows, C)
         rel = []  # per group: relative-position buckets for its length, sent to the device once per length
         for ids, _ in groups:
             T = ids.shape[1]
@@ -328,22 +347,26 @@ class FastDebertaV2(FastEncoder):
         # Pad keys get the dtype's minimum, as the reference's masked_fill; pad query rows are dropped.
         pad_keys = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
         for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, model.position_projections()):
+            # DeBERTa divides each relative term by the same scale; dividing the (H, 2S, D) position
+            # tables once instead saves a pass over every (H, b, T, T) term.
+            scale = ref.attn.scale
+            pos_k = pos_k / scale if pos_k is not None else None
+            pos_q = pos_q / scale if pos_q is not None else None
 
-            def attend(g, q, k, v, pos_k=pos_k, pos_q=pos_q, scale=ref.attn.scale):
+            def attend(g, q, k, v, pos_k=pos_k, pos_q=pos_q, scale=scale):
                 # Heads first: (H, b, T, D) views. Then the relative terms are one batched (b*T, D) @
                 # (D, R) GEMM over the heads, and sdpa takes (H, b) as its batch dims; a (b, H, T, D) @
                 # (H, D, R) broadcast would copy the position table once per text.
                 q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
                 H, b, T, D = q.shape
                 rp, bias = rel[g], pad_keys[g].view(1, b, 1, T)
-                if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)]
+                if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)] / scale
                     c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, rp.rows].transpose(-1, -2))  # (H, bT, R)
-                    c2p = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T))  # (H, b, T, T)
-                    bias = bias + c2p.div_(scale)
-                if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)], transposed to (i, j)
+                    bias = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T)).add_(bias)  # (H, b, T, T)
+                if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)] / scale, transposed to (i, j)
                     p2c = torch.matmul(k.reshape(H, b * T, D), pos_q[:, rp.rows].transpose(-1, -2))
-                    p2c = p2c.view(H, b, T, -1).gather(-1, rp.p2c.expand(H, b, T, T))  # (H, b, T, T) as [j, i]
-                    bias = bias + p2c.div_(scale).transpose(-1, -2)
+                    p2c = p2c.view(H, b, T, -1).gather(-1, rp.p2c.expand(H, b, T, T)).transpose(-1, -2)  # [j, i]
+                    bias = bias.add_(p2c) if pos_k is not None else p2c + bias
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)  # (H, b, T, D)
                 return out.transpose(0, 1)  # (b, H, T, D)
 

@@ -117,9 +117,12 @@ def test_packing_groups_of_different_lengths_hand_sized():
 
 def test_token_batches_hand_sized():
     ids = [[0] * n for n in (3, 10, 2, 10, 5, 1)]
-    # Budget 2 * 10 = 20 tokens as a (rows x longest) rectangle: [10, 10], then 5 + 3 + 2 + 1 in 4 x 5.
+    # Budget 2 * 10 = 20 real tokens: [10, 10], then 5 + 3 + 2 + 1.
     assert fast.token_batches(ids, batch_size=2, max_seq_length=10) == [[1, 3], [4, 0, 2, 5]]
     assert sorted(i for b in fast.token_batches(ids, 1, 4) for i in b) == list(range(6))  # every text once
+    # Filled by real tokens, not by a (rows x longest) rectangle: 9 + 8 + 8 + 8 + 7 = 40 fits a budget of 40.
+    ids = [[0] * n for n in (9, 8, 8, 8, 7, 5)]
+    assert fast.token_batches(ids, batch_size=4, max_seq_length=10) == [[0, 1, 2, 3, 4], [5]]
 
 
 # ---------------------------------------------------------------------------------------------------
