@@ -322,6 +322,12 @@ class FastDebertaV2(FastEncoder):
     """``models.deberta_v2.DebertaV2Model``: the c2p/p2c terms and the padding become one additive
     bias for ``scaled_dot_product_attention``, whose own scale is DeBERTa's 1/sqrt(D * (1 + terms))."""
 
+    # On the CPU, attention runs on chunks of texts whose (H, b*T, R) relative-score GEMM output stays
+    # within a few MiB, so the gather reads it from cache instead of memory: 4.9% faster for DeBERTa-v2
+    # base in an in-process A/B (8.39 vs 8.80 s for 256 texts, 5 repetitions; 16-32 MiB gained less),
+    # bitwise the same embeddings. On CUDA the whole group is one launch.
+    CHUNK_BYTES = 8 << 20
+
     def __init__(self, model: nn.Module, backend: str | None = None):
         super().__init__(model, backend)
         self._relative = {}  # T -> RelativePositions on the model's device
@@ -353,13 +359,13 @@ class FastDebertaV2(FastEncoder):
             pos_k = pos_k / scale if pos_k is not None else None
             pos_q = pos_q / scale if pos_q is not None else None
 
-            def attend(g, q, k, v, pos_k=pos_k, pos_q=pos_q, scale=scale):
+            def heads(q, k, v, pad, rp, pos_k=pos_k, pos_q=pos_q, scale=scale):
                 # Heads first: (H, b, T, D) views. Then the relative terms are one batched (b*T, D) @
                 # (D, R) GEMM over the heads, and sdpa takes (H, b) as its batch dims; a (b, H, T, D) @
                 # (H, D, R) broadcast would copy the position table once per text.
                 q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
                 H, b, T, D = q.shape
-                rp, bias = rel[g], pad_keys[g].view(1, b, 1, T)
+                bias = pad.view(1, b, 1, T)
                 if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)] / scale
                     c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, rp.rows].transpose(-1, -2))  # (H, bT, R)
                     bias = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T)).add_(bias)  # (H, b, T, T)
@@ -369,6 +375,16 @@ class FastDebertaV2(FastEncoder):
                     bias = bias.add_(p2c) if pos_k is not None else p2c + bias
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)  # (H, b, T, D)
                 return out.transpose(0, 1)  # (b, H, T, D)
+
+            def attend(g, q, k, v):
+                b, H, T, _ = q.shape
+                rp = rel[g]
+                R = rp.rows.stop - rp.rows.start
+                step = max(1, self.CHUNK_BYTES // (H * T * R * q.element_size())) if q.device.type == "cpu" else b
+                if step >= b:
+                    return heads(q, k, v, pad_keys[g], rp)
+                return torch.cat([heads(q[s: s + step], k[s: s + step], v[s: s + step], pad_keys[g][s: s + step], rp)
+                                  for s in range(0, b, step)])
 
             x = block(x, layout, attend)
         return x, layout

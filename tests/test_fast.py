@@ -115,6 +115,46 @@ def test_packing_groups_of_different_lengths_hand_sized():
     assert layout.lengths.tolist() == [3, 2, 1]
 
 
+def test_packing_filler_rows_hand_sized():
+    """rows_multiple pads the packed layout once: filler rows copy the last group's first real token,
+    ``pad`` ignores them, and the runner hands back only the N real rows."""
+    masks = [torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[1, 0, 0, 0, 0]])]
+    layout = fast.Packing(masks, rows_multiple=4)
+    assert (layout.n, layout.rows) == (6, 8)
+    xs = [torch.arange(1.0, 7.0).view(2, 3, 1), torch.arange(10.0, 15.0).view(1, 5, 1)]
+    packed = layout.unpad(xs)
+    assert packed.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 10.0, 10.0]
+    assert layout.pad(packed)[0].flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 1.0]
+    assert fast.Packing(masks, rows_multiple=3).rows == 6  # already a multiple: no filler
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runner_returns_real_rows_only(arch, tiny_models):
+    encoder = load(tiny_models, arch)
+    runner_or_skip(encoder, arch)
+    runner = encoder._fast_runner
+    runner.rows_multiple = 32  # force filler rows whatever the linear backend
+    groups = [encoder.tokenizer.pad(encoder.tokenizer.encode_ids(corpus(5)), "cpu")]
+    x, layout = runner(groups)
+    assert layout.rows % 32 == 0 and layout.rows > layout.n
+    assert x.shape[0] == layout.n == int(groups[0][1].sum())
+    runner.rows_multiple = 1
+    y, _ = runner(groups)
+    assert max_diff(x, y) <= TOL  # filler rows do not touch the real ones
+
+
+def test_deberta_attention_chunks_equal_whole_groups(tiny_models):
+    """Attention in chunks of texts (the CPU's cache-sized chunks) is the same function as whole groups."""
+    encoder = load(tiny_models, "deberta-v2")
+    runner_or_skip(encoder, "deberta-v2")
+    runner = encoder._fast_runner
+    texts = corpus(40)
+    runner.CHUNK_BYTES = 1 << 40  # one chunk per group
+    whole = encoder.encode(texts)
+    runner.CHUNK_BYTES = 1  # one text per chunk
+    assert max_diff(encoder.encode(texts), whole) <= TOL
+
+
 def test_token_batches_hand_sized():
     ids = [[0] * n for n in (3, 10, 2, 10, 5, 1)]
     # Budget 2 * 10 = 20 real tokens: [10, 10], then 5 + 3 + 2 + 1.
