@@ -187,8 +187,20 @@ class PackedBlock:
             heads.append(attend(g, q, k, v).transpose(1, 2).reshape(b, T, C))
         y = layout.unpad(heads)  # (rows, C): N real tokens, then filler rows
         x = self.attn_ln(x + self.out(y))  # post-LN, as the reference block
-        x = self.ffn_ln(x + self.down(self.up(x)))
-        return x
+        step = self.FFN_ROWS if x.device.type == "cpu" else 0
+        if not step or x.shape[0] <= step:
+            return self.ffn_ln(x + self.down(self.up(x)))
+        # On the CPU the FFN runs on chunks of rows, so each chunk's (rows, 4C) intermediate is read back
+        # by the down-projection from cache, not memory; the residual sum lands in place (add's out=).
+        h = torch.empty_like(x)
+        for s in range(0, x.shape[0], step):
+            torch.add(x[s: s + step], self.down(self.up(x[s: s + step])), out=h[s: s + step])
+        return self.ffn_ln(h)
+
+    # Measured in-process (256 texts, 4 repetitions, bitwise the same embeddings): 1024 rows made BERT
+    # base 4.5-7.7% faster and DeBERTa-v2 base 2.5%; 512 gave 3%, 768 and 2048 nothing. A multiple
+    # of Linear.ROWS, so chunk and tail shapes stay few.
+    FFN_ROWS = 1024
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -155,6 +155,18 @@ def test_deberta_attention_chunks_equal_whole_groups(tiny_models):
     assert max_diff(encoder.encode(texts), whole) <= TOL
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ffn_row_chunks_equal_whole_batch(arch, tiny_models, monkeypatch):
+    """The CPU's FFN row chunks (with the residual added in place) are the same function as one pass."""
+    encoder = load(tiny_models, arch)
+    runner_or_skip(encoder, arch)
+    texts = corpus(40)
+    monkeypatch.setattr(fast.PackedBlock, "FFN_ROWS", 0)
+    whole = encoder.encode(texts)
+    monkeypatch.setattr(fast.PackedBlock, "FFN_ROWS", 32)  # several chunks and a tail per batch
+    assert max_diff(encoder.encode(texts), whole) <= TOL
+
+
 def test_token_batches_hand_sized():
     ids = [[0] * n for n in (3, 10, 2, 10, 5, 1)]
     # Budget 2 * 10 = 20 real tokens: [10, 10], then 5 + 3 + 2 + 1.
