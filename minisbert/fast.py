@@ -231,12 +231,12 @@ class Packing:
         self.shapes = [tuple(m.shape) for m in masks]
         flat = [m.bool().flatten() for m in masks]  # each (b * T,)
         index = [f.nonzero().squeeze(1) for f in flat]  # each (n,): real positions in the group
-        self.counts = [len(i) for i in index]
+        counts = [len(i) for i in index]
         lengths = torch.cat([m.sum(dim=1) for m in masks])  # (B,) tokens per text, all groups
         # For ``pad``: the packed row each padded position reads. Pads read their group's first token, so
         # a gather builds the padded layout in one pass (no zero fill), and pads hold finite values.
         source, offset = [], 0
-        for f, i, n in zip(flat, index, self.counts):
+        for f, i, n in zip(flat, index, counts):
             s = torch.full(f.shape, offset, dtype=torch.long)
             s[i] = torch.arange(offset, offset + n)
             source.append(s)
