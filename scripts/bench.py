@@ -178,12 +178,17 @@ def flops(lengths: list[int], cfg) -> float:
     return float(sum(L * (2 * params * t + 4 * t * t * C) for t in lengths))
 
 
+def peak_size(device: str) -> int:
+    """The side of the square GEMM ``matmul_peak`` times: 8192 on a GPU (enough to fill a big one), else 2048."""
+    return 8192 if device != "cpu" else 2048
+
+
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> float:
-    """Best GFLOP/s of a square GEMM on ``device`` (2048^3 on the CPU: F.linear (MKL) or oneDNN, whichever
-    is faster; 8192^3 on CUDA, enough to fill a big GPU)."""
+    """Best GFLOP/s of a square GEMM of side ``peak_size(device)`` on ``device`` (on the CPU: F.linear
+    (MKL) or oneDNN, whichever is faster)."""
     from minisbert.fast import mkldnn_usable
 
-    size = 8192 if device != "cpu" else 2048
+    size = peak_size(device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     runs = [lambda: torch.nn.functional.linear(a, b)]
@@ -321,8 +326,8 @@ def main(argv=None) -> dict:
         print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_st']:>8.2f}"
               f"{vs_onnx:>9}{r['gflops']:>9.1f}{r['max_abs_diff_vs_st']:>11.2e}{r['min_cosine_vs_st']:>10.6f}")
     if peaks:
-        size = 8192 if args.device != "cpu" else 2048
-        print(f"matmul peak ({size}^3 GEMM): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+        sizes = f"{peak_size(args.device)}^3 GEMM"
+        print(f"matmul peak ({sizes}): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
         bound = result["flop_bound"]
         print(f"FLOP bound (every FLOP of the real tokens at the {args.dtype} peak, nothing else): "
               f"{bound['sentences_per_s']:.1f} sent/s = {bound['vs_st']:.2f}x st"
