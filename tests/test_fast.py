@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import platform
 import subprocess
 import sys
 
@@ -277,6 +279,58 @@ def test_encode_after_fork_does_not_deadlock(tiny_models):
         pytest.fail("the forked child did not finish encoding within 60 s (deadlock?)")
     assert child.exitcode == 0
     assert max_diff(queue.get(timeout=5), parent) <= TOL
+
+
+HEAP_CHILD = r"""
+import ctypes, sys, torch
+from minisbert import fast
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "primed":
+    fast.raise_mmap_threshold()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(20 << 18)  # 20 MiB, the size of a base model's GEMM output
+print(libc.mallinfo2().hblkhd - before)  # bytes malloc mapped for it on its own (0: from the heap)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
+                    or tuple(map(int, platform.libc_ver()[1].split("."))) < (2, 33),
+                    reason="glibc's malloc (mallinfo2 is glibc >= 2.33)")
+def test_primed_heap_serves_big_tensors_without_fresh_mappings():
+    mapped = {}
+    for mode in ("primed", "unprimed"):
+        out = subprocess.run([sys.executable, "-c", HEAP_CHILD, mode], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "MINISBERT_HEAP": "1"}, check=True)
+        mapped[mode] = int(out.stdout.split()[-1])
+    # A fresh process maps a 20 MiB block on its own (page-faulted in, zero-filled, unmapped on free);
+    # after priming it comes from the heap, where freed memory is reused.
+    assert mapped["unprimed"] >= 20 << 20, mapped
+    assert mapped["primed"] == 0, mapped
+
+
+def test_fast_runner_on_cpu_primes_the_heap(tiny_models, monkeypatch):
+    encoder = load(tiny_models, "bert")
+    calls = []
+    monkeypatch.setattr(fast, "raise_mmap_threshold", lambda: calls.append(True))
+    fast.fast_forward(encoder.model)
+    assert calls == [True]
+
+
+def test_heap_priming_once_and_off_by_env(monkeypatch):
+    monkeypatch.setattr(fast, "_HEAP_PRIMED", [])
+    monkeypatch.setenv("MINISBERT_HEAP", "0")
+    fast.raise_mmap_threshold()
+    assert fast._HEAP_PRIMED == []
+    monkeypatch.delenv("MINISBERT_HEAP")
+    fast.raise_mmap_threshold()
+    fast.raise_mmap_threshold()
+    assert fast._HEAP_PRIMED == [True]
 
 
 def test_respects_torch_threads(tiny_models):
