@@ -234,14 +234,17 @@ class SentenceEncoder:
         Texts are padded in groups of equal ``padded_length``, so each embedding is the same in any batch.
         The reference path runs group by group; the fast path runs every group's tokens through each
         linear layer at once and attention group by group."""
-        groups: dict[int, list[int]] = {}
-        for b, row in enumerate(ids):
-            groups.setdefault(self.padded_length(len(row)), []).append(b)
-        # Padded on the host: the fast path builds its token layout there and sends it once.
-        padded = [self.tokenizer.pad([ids[b] for b in rows], "cpu", T) for T, rows in groups.items()]
-        modes = self.layout.pooling.modes
         # Hooks attach to the reference modules, which the packed fast path does not call.
         runner = None if has_hooks(self.model) else self._fast_runner
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for b, row in enumerate(ids):
+            T = self.padded_length(len(row))
+            # The fast path keeps texts of exactly T tokens (passages cut at max_seq_length) in a group of
+            # their own: without pads, its padded layout is a view of the packed tokens (``Packing``).
+            groups.setdefault((T, runner is not None and len(row) == T), []).append(b)
+        # Padded on the host: the fast path builds its token layout there and sends it once.
+        padded = [self.tokenizer.pad([ids[b] for b in rows], "cpu", T) for (T, _), rows in groups.items()]
+        modes = self.layout.pooling.modes
         if runner is not None:
             pooled = runner.embed(padded, modes).float()  # (B, embedding_dim), group after group
             order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), self.device)

@@ -248,7 +248,9 @@ class Packing:
 
     ``pad`` gives each group back in its (b, T, ...) layout, ``unpad`` packs them. Groups let texts of
     different padded lengths share every linear layer's GEMM while each text's attention still runs at
-    its own padded length (so its result cannot depend on its batch).
+    its own padded length (so its result cannot depend on its batch). A group without pads ("full": all
+    its texts exactly T tokens, as passages cut at ``max_seq_length`` are) is a view of its rows in
+    the packed layout, so ``pad`` copies nothing for it.
     """
 
     def __init__(self, masks: torch.Tensor | list[torch.Tensor], device: torch.device | str | None = None,
@@ -260,39 +262,47 @@ class Packing:
         masks = [m.cpu() for m in masks]
         self.shapes = [tuple(m.shape) for m in masks]
         flat = [m.bool().flatten() for m in masks]  # each (b * T,)
+        self.full = [bool(f.all()) for f in flat]
         index = [f.nonzero().squeeze(1) for f in flat]  # each (n,): real positions in the group
-        counts = [len(i) for i in index]
         lengths = torch.cat([m.sum(dim=1) for m in masks])  # (B,) tokens per text, all groups
         # For ``pad``: the packed row each padded position reads. Pads read their group's first token, so
         # a gather builds the padded layout in one pass (no zero fill), and pads hold finite values.
-        source, offset = [], 0
-        for f, i, n in zip(flat, index, counts):
+        source, self.offsets, offset = [], [], 0
+        for f, i in zip(flat, index):
             s = torch.full(f.shape, offset, dtype=torch.long)
-            s[i] = torch.arange(offset, offset + n)
+            s[i] = torch.arange(offset, offset + len(i))
             source.append(s)
-            offset += n
+            self.offsets.append(offset)
+            offset += len(i)
         self.n = offset  # N, real tokens
         # The packed layout has ``rows`` >= N rows: filler rows (copies of the last group's first token,
         # so finite) pad it to a multiple of ``rows_multiple``, which bounds the GEMM shapes.
         self.rows = -(-self.n // rows_multiple) * rows_multiple
-        if self.rows > self.n:
-            first = torch.full((self.rows - self.n,), int(index[-1][0]) if len(index[-1]) else 0)
-            index[-1] = torch.cat([index[-1], first])
         self.index = [to_device(i, device) for i in index]
         self.source = [to_device(s, device) for s in source]
         self.lengths = to_device(lengths, device)
 
     def unpad(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """Per group (b, T, ...) -> (rows, ...): the N real tokens, then the filler rows."""
-        parts = [x.flatten(0, 1).index_select(0, i) for x, i in zip(xs, self.index)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        x0 = xs[0]
+        out = torch.empty((self.rows,) + tuple(x0.shape[2:]), dtype=x0.dtype, device=x0.device)
+        for x, i, start, full in zip(xs, self.index, self.offsets, self.full):
+            rows = out[start: start + len(i)]
+            if full:
+                rows.copy_(x.flatten(0, 1))
+            else:
+                torch.index_select(x.flatten(0, 1), 0, i, out=rows)
+        if self.rows > self.n:  # filler rows: copies of the last group's first token (of row 0 if it is empty)
+            out[self.n:] = out[self.offsets[-1] if self.offsets[-1] < self.n else 0]
+        return out
 
     def pad(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(N or rows, ...) -> per group (b, T, ...). A pad position holds a copy of its group's first token:
         attention masks it with the padding bias (any finite key gives exactly zero probability, as the
-        reference's), and pooling masks it too."""
-        return [x.index_select(0, source).view((b, T) + tuple(x.shape[1:]))
-                for source, (b, T) in zip(self.source, self.shapes)]
+        reference's), and pooling masks it too. A full group is a view of ``x``, not a copy."""
+        return [x[start: start + b * T].view((b, T) + tuple(x.shape[1:])) if full else
+                x.index_select(0, source).view((b, T) + tuple(x.shape[1:]))
+                for source, (b, T), start, full in zip(self.source, self.shapes, self.offsets, self.full)]
 
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]  # groups of (b, T) input_ids and attention_mask
@@ -352,7 +362,8 @@ class FastBert(FastEncoder):
         # Positions from the reference function on each padded group (RoBERTa's depend on the ids).
         positions = layout.unpad([self.model.position_ids(ids) for ids, _ in groups])  # (rows,)
         x = self.model.embed(layout.unpad([ids for ids, _ in groups]), positions)  # (rows, C)
-        biases = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
+        # each (b, 1, 1, T); none for a group without pads (adding its zeros would change nothing)
+        biases = [None if full else padding_bias(mask, x.dtype) for (_, mask), full in zip(groups, layout.full)]
 
         def attend(g, q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=biases[g])  # (b, H, T, D)

@@ -117,6 +117,19 @@ def test_packing_groups_of_different_lengths_hand_sized():
     assert layout.lengths.tolist() == [3, 2, 1]
 
 
+def test_packing_full_groups_are_views_hand_sized():
+    masks = [torch.tensor([[1, 1], [1, 1]]), torch.tensor([[1, 1, 0]]), torch.tensor([[1, 1, 1]])]  # full, not, full
+    layout = fast.Packing(masks, rows_multiple=4)
+    assert layout.full == [True, False, True] and (layout.n, layout.rows) == (9, 12)
+    xs = [torch.arange(1.0, 5.0).view(2, 2, 1), torch.arange(10.0, 13.0).view(1, 3, 1),
+          torch.arange(20.0, 23.0).view(1, 3, 1)]
+    packed = layout.unpad(xs)
+    assert packed.flatten().tolist() == [1, 2, 3, 4, 10, 11, 20, 21, 22, 20, 20, 20]
+    back = layout.pad(packed)
+    assert back[0].data_ptr() == packed.data_ptr() and back[2].data_ptr() == packed[6:].data_ptr()  # no copies
+    assert [t.flatten().tolist() for t in back] == [[1, 2, 3, 4], [10, 11, 10], [20, 21, 22]]
+
+
 def test_packing_filler_rows_hand_sized():
     """rows_multiple pads the packed layout once: filler rows copy the last group's first real token,
     ``pad`` ignores them, and the runner hands back only the N real rows."""
