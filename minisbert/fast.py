@@ -8,7 +8,7 @@ linear layer. The fast path here runs the same math on the real tokens only:
   q/k/v are gathered into padded (b, T) buffers for ``scaled_dot_product_attention`` (pads copy a
   real token; the same padding bias as the reference masks them) and gathered back. A batch may hold
   several groups of texts, each padded to its own length: the linears see all their tokens at once,
-  attention runs per group;
+  attention runs per group; a group without pads is a view of the packed tokens, not a gather;
 - **one fused q/k/v linear** (C -> 3C) instead of three, so each block runs four GEMMs of good shape;
 - **linears**: oneDNN with pre-packed weights (``torch.ops.mkldnn._linear_pointwise``, exact GELU
   fused into the up-projection) on CPUs with AVX-512 or AMX, ``F.linear`` (MKL sgemm) elsewhere,
