@@ -71,10 +71,10 @@ def raise_mmap_threshold() -> None:
     raises the threshold to the largest mapped block freed so far (at most 32 MiB) and returns heap
     memory above twice that. The packed forward's biggest tensors are a few GEMM outputs of 12-38 MB, so
     on its own the threshold settles low and the heap is trimmed and refilled every layer: BERT base,
-    256 texts, 510k page faults and 1.2 s of system time per 8.1 s ``encode`` (7.3 s, 9-37k faults,
-    primed). Freeing one 32 MiB block sets the threshold to its maximum, as glibc does itself after any
-    such free; nothing else changes (the threshold stays dynamic, no ``mallopt``). Elsewhere (musl,
-    macOS) it is one allocation freed.
+    256 texts, 510k page faults and 1.2 s of system time per 8.1 s ``encode``; primed, ~0 faults and
+    7.7 vs 8.3 s (medians of 4 alternating process pairs). Freeing one 32 MiB block sets the threshold
+    to its maximum, as glibc does itself after any such free; nothing else changes (the threshold stays
+    dynamic, no ``mallopt``). Elsewhere (musl, macOS) it is one allocation freed.
     """
     if _HEAP_PRIMED or os.environ.get("MINISBERT_HEAP", "1") == "0":
         return
