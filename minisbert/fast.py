@@ -266,11 +266,14 @@ class Packing:
         index = [f.nonzero().squeeze(1) for f in flat]  # each (n,): real positions in the group
         lengths = torch.cat([m.sum(dim=1) for m in masks])  # (B,) tokens per text, all groups
         # For ``pad``: the packed row each padded position reads. Pads read their group's first token, so
-        # a gather builds the padded layout in one pass (no zero fill), and pads hold finite values.
+        # a gather builds the padded layout in one pass (no zero fill), and pads hold finite values. A full
+        # group needs none: it is a view.
         source, self.offsets, offset = [], [], 0
-        for f, i in zip(flat, index):
-            s = torch.full(f.shape, offset, dtype=torch.long)
-            s[i] = torch.arange(offset, offset + len(i))
+        for f, i, full in zip(flat, index, self.full):
+            s = None
+            if not full:
+                s = torch.full(f.shape, offset, dtype=torch.long)
+                s[i] = torch.arange(offset, offset + len(i))
             source.append(s)
             self.offsets.append(offset)
             offset += len(i)
@@ -279,7 +282,7 @@ class Packing:
         # so finite) pad it to a multiple of ``rows_multiple``, which bounds the GEMM shapes.
         self.rows = -(-self.n // rows_multiple) * rows_multiple
         self.index = [to_device(i, device) for i in index]
-        self.source = [to_device(s, device) for s in source]
+        self.source = [None if s is None else to_device(s, device) for s in source]
         self.lengths = to_device(lengths, device)
 
     def unpad(self, xs: list[torch.Tensor]) -> torch.Tensor:
