@@ -303,9 +303,11 @@ class Packing:
         """(N or rows, ...) -> per group (b, T, ...). A pad position holds a copy of its group's first token:
         attention masks it with the padding bias (any finite key gives exactly zero probability, as the
         reference's), and pooling masks it too. A full group is a view of ``x``, not a copy."""
-        return [x[start: start + b * T].view((b, T) + tuple(x.shape[1:])) if full else
-                x.index_select(0, source).view((b, T) + tuple(x.shape[1:]))
-                for source, (b, T), start, full in zip(self.source, self.shapes, self.offsets, self.full)]
+        groups = []
+        for source, (b, T), start, full in zip(self.source, self.shapes, self.offsets, self.full):
+            rows = x[start: start + b * T] if full else x.index_select(0, source)  # (b * T, ...)
+            groups.append(rows.view((b, T) + tuple(x.shape[1:])))
+        return groups
 
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]  # groups of (b, T) input_ids and attention_mask

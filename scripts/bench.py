@@ -326,8 +326,8 @@ def main(argv=None) -> dict:
         print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_st']:>8.2f}"
               f"{vs_onnx:>9}{r['gflops']:>9.1f}{r['max_abs_diff_vs_st']:>11.2e}{r['min_cosine_vs_st']:>10.6f}")
     if peaks:
-        sizes = f"{peak_size(args.device)}^3 GEMM"
-        print(f"matmul peak ({sizes}): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+        print(f"matmul peak ({peak_size(args.device)}^3 GEMM): "
+              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
         bound = result["flop_bound"]
         print(f"FLOP bound (every FLOP of the real tokens at the {args.dtype} peak, nothing else): "
               f"{bound['sentences_per_s']:.1f} sent/s = {bound['vs_st']:.2f}x st"
