@@ -170,6 +170,29 @@ def test_deberta_attention_chunks_equal_whole_groups(tiny_models):
     assert max_diff(encoder.encode(texts), whole) <= TOL
 
 
+def test_deberta_relative_gemm_widths(tiny_models, monkeypatch):
+    """The c2p/p2c GEMMs take the reachable table rows rounded up to ROUND (cut at the table's end);
+    the extra columns are never gathered, so the embeddings equal those of the exact widths."""
+    encoder = load(tiny_models, "deberta-v2")
+    runner_or_skip(encoder, "deberta-v2")
+    texts = corpus(40)
+    widths = []
+    matmul = torch.matmul
+
+    def recording(a, b):
+        widths.append(b.shape[-1])
+        return matmul(a, b)
+
+    monkeypatch.setattr(fast.torch, "matmul", recording)
+    monkeypatch.setattr(fast.FastDebertaV2, "ROUND", 1)
+    exact = encoder.encode(texts)
+    assert any(w % 16 for w in widths)  # odd widths 2T - 1 without the rounding
+    widths.clear()
+    monkeypatch.setattr(fast.FastDebertaV2, "ROUND", 16)
+    assert max_diff(encoder.encode(texts), exact) <= TOL
+    assert widths and all(w % 16 == 0 for w in widths)  # these texts stay far from the table's end
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ffn_row_chunks_equal_whole_batch(arch, tiny_models, monkeypatch):
     """The CPU's FFN row chunks (with the residual added in place) are the same function as one pass."""
