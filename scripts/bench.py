@@ -2,7 +2,8 @@
 
 Every system embeds the same texts with the same batch size and threads; the systems take turns on
 each chunk of texts (A B C A B C ...) so a machine shared with other work slows them alike, and the
-median over repetitions of each system's total time is reported. Also prints the agreement with
+median over repetitions of each system's total time is reported, and the ratio to sentence-transformers
+within each repetition (pass). Also prints the agreement with
 sentence-transformers and the achieved GFLOP/s against a big-matmul peak measured on the same machine.
 
     python scripts/bench.py --model random-bert --n 512 --repeats 5
@@ -303,6 +304,9 @@ def main(argv=None) -> dict:
     for r in rows:
         r["vs_st"] = by_name["st"]["seconds"] / r["seconds"]
         r["vs_onnx"] = by_name[onnx_name]["seconds"] / r["seconds"] if onnx_name else None
+        # The same ratio within each pass (the systems' turns of one pass are minutes apart at most),
+        # so a machine that speeds up or slows down between passes moves both sides of it.
+        r["vs_st_per_pass"] = [st / ours for st, ours in zip(times["st"], times[r["system"]])]
     result = {"model": str(args.model), "device": args.device, "dtype": args.dtype, "threads": threads,
               "batch_size": args.batch_size, "max_seq_length": ours.max_seq_length, "n": len(texts),
               "tokens": sum(lengths), "repeats": args.repeats, "chunk": args.chunk, "peak_gflops": peaks,
@@ -325,6 +329,9 @@ def main(argv=None) -> dict:
         vs_onnx = f"{r['vs_onnx']:.2f}" if r["vs_onnx"] else "-"
         print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_st']:>8.2f}"
               f"{vs_onnx:>9}{r['gflops']:>9.1f}{r['max_abs_diff_vs_st']:>11.2e}{r['min_cosine_vs_st']:>10.6f}")
+    if args.repeats > 1:
+        print("vs ST within each pass: " + "; ".join(
+            f"{r['system']} " + " ".join(f"{x:.2f}" for x in r["vs_st_per_pass"]) for r in rows if r["system"] != "st"))
     if peaks:
         print(f"matmul peak ({peak_size(args.device)}^3 GEMM): "
               + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
