@@ -423,7 +423,9 @@ def test_sentence_transformers_fills_a_missing_tensor_randomly_we_refuse(tiny, t
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     warned = "\n".join(r.getMessage() for r in records)
-    assert "encoder.layer.1.output.dense.weight" in warned and "MISSING" in warned, warned
+    # transformers 5 reports the key as MISSING; 4.x as "newly initialized".
+    assert "encoder.layer.1.output.dense.weight" in warned, warned
+    assert "MISSING" in warned or "newly initialized" in warned, warned
     assert np.abs(filled - intact).max() > 1e-3, "sentence-transformers' output did not change"
     with pytest.raises(CheckpointError, match=r"missing.*nothing is ever randomly initialised.*blocks\.1\.ffn\.down"):
         SentenceEncoder.from_pretrained(folder)

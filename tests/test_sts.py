@@ -91,8 +91,14 @@ def test_evaluate_sts_equals_embedding_similarity_evaluator_on_the_same_embeddin
     expected = evaluator(model)
     ours = evaluate_sts(model, sentences1, sentences2, gold)
     assert ours["pairs"] == n
+    import sentence_transformers
+
+    # sentence-transformers < 6 took euclidean distances as sqrt(sum(d ** 2)) (6 and evaluate_sts:
+    # vector_norm), which rounds differently in float32: equal there to float32 precision only.
+    loose = int(sentence_transformers.__version__.split(".")[0]) < 6
     for key, theirs in EVALUATOR_KEYS.items():
-        assert abs(ours[key] - expected[theirs]) < 1e-12, (key, ours[key], expected[theirs])
+        tol = 1e-7 if loose and key.startswith("euclidean") else 1e-12
+        assert abs(ours[key] - expected[theirs]) < tol, (key, ours[key], expected[theirs])
 
 
 def test_evaluate_sts_checks_its_inputs():
