@@ -428,7 +428,7 @@ class FastDebertaV2(FastEncoder):
                 H, b, T, D = q.shape
                 bias = pad.view(1, b, 1, T)
                 if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)] / scale
-                    c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, cols].transpose(-1, -2))  # (H, bT, R')
+                    c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, cols].transpose(-1, -2))  # (H, bT, ≥R)
                     bias = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T)).add_(bias)  # (H, b, T, T)
                 if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)] / scale, transposed to (i, j)
                     p2c = torch.matmul(k.reshape(H, b * T, D), pos_q[:, cols].transpose(-1, -2))
