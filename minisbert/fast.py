@@ -14,7 +14,8 @@ linear layer. The fast path here runs the same math on the real tokens only:
   fused into the up-projection) on CPUs with AVX-512 or AMX, ``F.linear`` (MKL sgemm) elsewhere,
   where it measured faster; ``MINISBERT_LINEAR=aten|mkldnn`` overrides;
 - DeBERTa-v2's c2p/p2c terms are folded into the additive attention bias of the same
-  ``scaled_dot_product_attention`` call;
+  ``scaled_dot_product_attention`` call; where every distance keeps its own table row (short texts)
+  they are strided views of the relative-score GEMMs' outputs, not gathers (``diagonals``);
 - the sentence embedding is pooled straight from the packed tokens (``kernels.packed_mean_pool``);
 - ``token_batches``: longest first by token count, batches filled to a token budget;
 - ``raise_mmap_threshold``: glibc's malloc keeps tensors up to 32 MiB on its heap, so the GEMM
@@ -391,7 +392,7 @@ class FastDebertaV2(FastEncoder):
 
     def __init__(self, model: nn.Module, backend: str | None = None):
         super().__init__(model, backend)
-        self._relative = {}  # T -> RelativePositions on the model's device
+        self._relative = {}  # T -> (RelativePositions on the model's device, whether they are a shift)
 
     def forward(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
         from minisbert.models.deberta_v2 import RelativePositions, relative_positions
@@ -409,7 +410,8 @@ class FastDebertaV2(FastEncoder):
                     self._relative.clear()
                 rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
                 with torch.inference_mode(False):  # usable outside inference mode too, like the CPU cache
-                    self._relative[T] = RelativePositions(*(to_device(t, x.device) for t in rp[:3]), rp.rows)
+                    self._relative[T] = (RelativePositions(*(to_device(t, x.device) for t in rp[:3]), rp.rows),
+                                         is_shift(rp))
             rel.append(self._relative[T])
         # Pad keys get the dtype's minimum, as the reference's masked_fill; pad query rows are dropped.
         pad_keys = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
@@ -419,8 +421,10 @@ class FastDebertaV2(FastEncoder):
             scale = ref.attn.scale
             pos_k = pos_k / scale if pos_k is not None else None
             pos_q = pos_q / scale if pos_q is not None else None
+            # c2p reads the key table bottom up when the relative positions are a shift (see ``diagonals``).
+            pos_k_rev = pos_k.flip(1) if pos_k is not None and any(shift for _, shift in rel) else None
 
-            def heads(q, k, v, pad, rp, cols, pos_k=pos_k, pos_q=pos_q, scale=scale):
+            def heads(q, k, v, pad, rp, shift, cols, pos_k=pos_k, pos_k_rev=pos_k_rev, pos_q=pos_q, scale=scale):
                 # Heads first: (H, b, T, D) views. Then the relative terms are one batched (b*T, D) @
                 # (D, R) GEMM over the heads, and sdpa takes (H, b) as its batch dims; a (b, H, T, D) @
                 # (H, D, R) broadcast would copy the position table once per text.
@@ -428,32 +432,66 @@ class FastDebertaV2(FastEncoder):
                 H, b, T, D = q.shape
                 bias = pad.view(1, b, 1, T)
                 if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)] / scale
-                    c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, cols].transpose(-1, -2))  # (H, bT, ≥R)
-                    bias = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T)).add_(bias)  # (H, b, T, T)
+                    if shift:  # the table's rows upside down, so that each row's keys run left to right
+                        top = pos_k_rev.shape[1] - rp.rows.stop  # the reachable rows' last one, upside down
+                        rows = slice(top, top + cols.stop - cols.start)
+                        c2p = torch.matmul(q.reshape(H, b * T, D), pos_k_rev[:, rows].transpose(-1, -2))  # (H, bT, ≥R)
+                        bias = diagonals(c2p, b, T) + bias  # (H, b, T, T)
+                    else:
+                        c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, cols].transpose(-1, -2))  # (H, bT, ≥R)
+                        bias = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T)).add_(bias)  # (H, b, T, T)
                 if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)] / scale, transposed to (i, j)
-                    p2c = torch.matmul(k.reshape(H, b * T, D), pos_q[:, cols].transpose(-1, -2))
-                    p2c = p2c.view(H, b, T, -1).gather(-1, rp.p2c.expand(H, b, T, T)).transpose(-1, -2)  # [j, i]
+                    p2c = torch.matmul(k.reshape(H, b * T, D), pos_q[:, cols].transpose(-1, -2))  # (H, bT, ≥R)
+                    if shift:
+                        p2c = diagonals(p2c, b, T).transpose(-1, -2)  # [j, i] -> [i, j]
+                    else:
+                        p2c = p2c.view(H, b, T, -1).gather(-1, rp.p2c.expand(H, b, T, T)).transpose(-1, -2)
                     bias = bias.add_(p2c) if pos_k is not None else p2c + bias
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)  # (H, b, T, D)
                 return out.transpose(0, 1)  # (b, H, T, D)
 
             def attend(g, q, k, v):
                 b, H, T, _ = q.shape
-                rp = rel[g]
+                rp, shift = rel[g]
                 # The relative-score GEMMs take the R = 2T - 1 reachable table rows and the next ones up
-                # to a multiple of ROUND (never gathered; the table's end may cut them short): MKL's
-                # batched GEMM with K = 64 runs 1.3-1.6x faster at such widths (T = 8-128, in isolation),
-                # 16% less time in these GEMMs in place (256 texts), the same embeddings bit for bit.
+                # to a multiple of ROUND (never read; the table's end may cut them short): MKL's batched
+                # GEMM with K = 64 runs 1.3-1.6x faster at such widths (T = 8-128, in isolation), 16%
+                # less time in these GEMMs in place (256 texts), the same embeddings bit for bit.
                 R = -(-(rp.rows.stop - rp.rows.start) // self.ROUND) * self.ROUND
                 cols = slice(rp.rows.start, rp.rows.start + R)
                 step = max(1, self.CHUNK_BYTES // (H * T * R * q.element_size())) if q.device.type == "cpu" else b
                 if step >= b:
-                    return heads(q, k, v, pad_keys[g], rp, cols)
+                    return heads(q, k, v, pad_keys[g], rp, shift, cols)
                 return torch.cat([heads(q[s: s + step], k[s: s + step], v[s: s + step], pad_keys[g][s: s + step],
-                                        rp, cols) for s in range(0, b, step)])
+                                        rp, shift, cols) for s in range(0, b, step)])
 
             x = block(x, layout, attend)
         return x, layout
+
+
+def is_shift(rp) -> bool:
+    """Whether every (i, j) reads the table row of its plain distance: c2p[i, j] = i - j + T - 1 and
+    p2c[j, i] the same, no two distances in one bucket, none clamped. DeBERTa's log buckets start
+    beyond position_buckets / 2: this holds for T <= 132 with kf-deberta's 256 buckets, for any T up to
+    the table's size without buckets."""
+    T = rp.c2p.shape[0]
+    d = torch.arange(T)
+    plain = d[:, None] - d[None, :] + T - 1  # (T, T)
+    return torch.equal(rp.c2p.cpu(), plain) and torch.equal(rp.p2c.cpu(), plain.T)
+
+
+def diagonals(scores: torch.Tensor, b: int, T: int) -> torch.Tensor:
+    """(H, b*T, W) scores of each row against consecutive table rows -> the (H, b, T, T) view whose
+    [i, j] is row i's column T - 1 - i + j, with no copy (Transformer-XL's "relative shift").
+
+    For plain distances each query row needs T consecutive columns, one column further left per row:
+    with row stride W, element [i, j] sits at i * (W - 1) + j + T - 1, a strided view. c2p scores
+    against the table upside down are such (row i = query i, its keys j left to right); p2c scores
+    against the table as it is are such too with the roles swapped (row = key j, then transposed).
+    """
+    H, _, W = scores.shape
+    assert scores.is_contiguous() and W >= 2 * T - 1
+    return scores.as_strided((H, b, T, T), (b * T * W, T * W, W - 1, 1), scores.storage_offset() + T - 1)
 
 
 def fast_forward(model: nn.Module, backend: str | None = None) -> FastEncoder | None:

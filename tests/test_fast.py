@@ -193,6 +193,49 @@ def test_deberta_relative_gemm_widths(tiny_models, monkeypatch):
     assert widths and all(w % 16 == 0 for w in widths)  # these texts stay far from the table's end
 
 
+def test_relative_shift_by_hand():
+    """Plain distances make c2p/p2c strided views of the relative-score GEMM outputs."""
+    from minisbert.models.deberta_v2 import relative_positions
+
+    # kf-deberta: 256 log buckets (distances up to 131 keep their own row), table of 2 * 256 rows.
+    assert fast.is_shift(relative_positions(128, 256, 256, 512))
+    assert fast.is_shift(relative_positions(132, 256, 256, 512))
+    assert not fast.is_shift(relative_positions(133, 256, 256, 512))  # distances 131 and 132 share a bucket
+    assert not fast.is_shift(relative_positions(12, 4, -1, 512))  # no buckets, table of 8 rows: clamped
+    # One text, T = 3, width 6 (rows hold distances 2, 1, 0, -1, -2, then an unread column):
+    # [i, j] = row i's column 2 - i + j.
+    scores = torch.arange(18.0).view(1, 3, 6)
+    view = fast.diagonals(scores, b=1, T=3)
+    assert view.tolist() == [[[[2.0, 3.0, 4.0], [7.0, 8.0, 9.0], [12.0, 13.0, 14.0]]]]
+    assert view.data_ptr() == scores.data_ptr() + 2 * scores.element_size()  # a view, not a copy
+    # Two texts: the second starts T * W elements later.
+    assert fast.diagonals(torch.arange(36.0).view(1, 6, 6), b=2, T=3)[0, 1, 0].tolist() == [20.0, 21.0, 22.0]
+
+
+def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
+    """Strided views of the c2p/p2c scores (upside-down key table for c2p) equal the gathers they
+    replace, bit for bit, and are what runs for short texts."""
+    encoder = load(tiny_models, "deberta-v2")
+    runner_or_skip(encoder, "deberta-v2")
+    texts = corpus(40)
+    monkeypatch.setattr(fast, "is_shift", lambda rp: False)
+    encoder._fast_runner._relative.clear()
+    gathered = encoder.encode(texts)
+    monkeypatch.undo()
+    encoder._fast_runner._relative.clear()
+    calls = []
+    diagonals = fast.diagonals
+
+    def recording(scores, b, T):
+        calls.append(T)
+        return diagonals(scores, b, T)
+
+    monkeypatch.setattr(fast, "diagonals", recording)
+    shifted = encoder.encode(texts)
+    assert calls and max(calls) <= 128  # two per attention chunk: c2p and p2c
+    assert np.array_equal(shifted, gathered)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ffn_row_chunks_equal_whole_batch(arch, tiny_models, monkeypatch):
     """The CPU's FFN row chunks (with the residual added in place) are the same function as one pass."""
