@@ -384,9 +384,9 @@ class FastDebertaV2(FastEncoder):
     bias for ``scaled_dot_product_attention``, whose own scale is DeBERTa's 1/sqrt(D * (1 + terms))."""
 
     # On the CPU, attention runs on chunks of texts whose (H, b*T, R) relative-score GEMM output stays
-    # within a few MiB, so the pick of its scores reads them from cache instead of memory: 4.9% faster for DeBERTa-v2
-    # base in an in-process A/B (8.39 vs 8.80 s for 256 texts, 5 repetitions; 16-32 MiB gained less),
-    # bitwise the same embeddings. On CUDA the whole group is one launch.
+    # within a few MiB, so the pick of its scores reads them from cache instead of memory: 4.9% faster
+    # for DeBERTa-v2 base in an in-process A/B (8.39 vs 8.80 s for 256 texts, 5 repetitions; 16-32 MiB
+    # gained less), bitwise the same embeddings. On CUDA the whole group is one launch.
     CHUNK_BYTES = 8 << 20
     ROUND = 16  # relative-score GEMMs take a multiple of this many table rows
 
