@@ -214,7 +214,8 @@ def test_relative_shift_by_hand():
 
 def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
     """Strided views of the c2p/p2c scores (upside-down key table for c2p) equal the gathers they
-    replace, bit for bit, and are what runs for short texts."""
+    replace (bit for bit on the machines measured; the GEMM may round a column differently elsewhere),
+    and are what runs for short texts."""
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
     texts = corpus(40)
@@ -233,7 +234,7 @@ def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
     monkeypatch.setattr(fast, "diagonals", recording)
     shifted = encoder.encode(texts)
     assert calls and max(calls) <= 128  # two per attention chunk: c2p and p2c
-    assert np.array_equal(shifted, gathered)
+    assert max_diff(shifted, gathered) <= TOL
 
 
 @pytest.mark.parametrize("arch", ARCHS)
