@@ -431,21 +431,23 @@ class FastDebertaV2(FastEncoder):
                 q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
                 H, b, T, D = q.shape
                 bias = pad.view(1, b, 1, T)
+
+                def pick(scores, index):  # (H, bT, ≥R) scores against the table -> (H, b, T, T) at index
+                    if shift:
+                        return diagonals(scores, b, T)  # a view
+                    return scores.view(H, b, T, -1).gather(-1, index.expand(H, b, T, T))
+
                 if pos_k is not None:  # c2p[i, j] = q_i . Kr[row(i - j)] / scale
                     if shift:  # the table's rows upside down, so that each row's keys run left to right
                         top = pos_k_rev.shape[1] - rp.rows.stop  # the reachable rows' last one, upside down
-                        rows = slice(top, top + cols.stop - cols.start)
-                        c2p = torch.matmul(q.reshape(H, b * T, D), pos_k_rev[:, rows].transpose(-1, -2))  # (H, bT, ≥R)
-                        bias = diagonals(c2p, b, T) + bias  # (H, b, T, T)
+                        table = pos_k_rev[:, top: top + cols.stop - cols.start]
                     else:
-                        c2p = torch.matmul(q.reshape(H, b * T, D), pos_k[:, cols].transpose(-1, -2))  # (H, bT, ≥R)
-                        bias = c2p.view(H, b, T, -1).gather(-1, rp.c2p.expand(H, b, T, T)).add_(bias)  # (H, b, T, T)
+                        table = pos_k[:, cols]
+                    c2p = torch.matmul(q.reshape(H, b * T, D), table.transpose(-1, -2))  # (H, bT, ≥R)
+                    bias = pick(c2p, rp.c2p) + bias  # (H, b, T, T)
                 if pos_q is not None:  # p2c[i, j] = k_j . Qr[row(j - i)] / scale, transposed to (i, j)
                     p2c = torch.matmul(k.reshape(H, b * T, D), pos_q[:, cols].transpose(-1, -2))  # (H, bT, ≥R)
-                    if shift:
-                        p2c = diagonals(p2c, b, T).transpose(-1, -2)  # [j, i] -> [i, j]
-                    else:
-                        p2c = p2c.view(H, b, T, -1).gather(-1, rp.p2c.expand(H, b, T, T)).transpose(-1, -2)
+                    p2c = pick(p2c, rp.p2c).transpose(-1, -2)  # [j, i] -> [i, j]
                     bias = bias.add_(p2c) if pos_k is not None else p2c + bias
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / scale)  # (H, b, T, D)
                 return out.transpose(0, 1)  # (b, H, T, D)

@@ -172,7 +172,7 @@ def test_deberta_attention_chunks_equal_whole_groups(tiny_models):
 
 def test_deberta_relative_gemm_widths(tiny_models, monkeypatch):
     """The c2p/p2c GEMMs take the reachable table rows rounded up to ROUND (cut at the table's end);
-    the extra columns are never gathered, so the embeddings equal those of the exact widths."""
+    the extra columns are never read, so the embeddings equal those of the exact widths."""
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
     texts = corpus(40)
