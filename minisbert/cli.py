@@ -29,6 +29,9 @@ def _add_encode(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--prompt-name", help="prepend this prompt of the model's config_sentence_transformers.json")
+    p.add_argument("--prompt", help="prepend this text to every text (instead of the model's default prompt)")
+    p.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka models)")
 
 
 def run_encode(args) -> int:
@@ -46,7 +49,8 @@ def run_encode(args) -> int:
                                               revision=args.revision)
     if args.max_seq_length:
         encoder.max_seq_length = args.max_seq_length
-    emb = encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize)
+    emb = encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize,
+                         prompt_name=args.prompt_name, prompt=args.prompt, truncate_dim=args.truncate_dim)
     if args.output and args.output.endswith(".npy"):
         np.save(args.output, emb)
     else:

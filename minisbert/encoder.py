@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,46 @@ class Layout:
     max_seq_length: int | None
     do_lower_case: bool
     transformer_type: str = "Transformer"  # class name of the first module
+    settings: "Settings" = field(default_factory=lambda: Settings())
+
+
+# sentence-transformers' similarity functions for single-vector embeddings (``model.similarity``).
+SIMILARITY_FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``config_sentence_transformers.json``: what changes ``encode``'s result or ``similarity`` beyond the
+    modules. sentence-transformers prepends the default prompt to every text and cuts embeddings to
+    ``truncate_dim`` without being asked, so ignoring these keys would silently break parity."""
+    prompts: dict = field(default_factory=lambda: {"query": "", "document": ""})  # name -> text
+    default_prompt_name: str | None = None
+    similarity_fn_name: str = "cosine"
+    truncate_dim: int | None = None
+
+
+def read_settings(path: Path) -> Settings:
+    """Read and check ``config_sentence_transformers.json`` (missing: the defaults, as sentence-transformers)."""
+    if not path.is_file():
+        return Settings()
+    raw = _read_json(path, "sentence-transformers settings")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    prompts = raw.get("prompts") or {}
+    if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
+        raise ConfigError(f"{path}: prompts={prompts!r} must map prompt names to strings")
+    # sentence-transformers always knows "query" and "document" (empty unless the file sets them).
+    prompts = {"query": "", "document": "", **prompts}
+    default = raw.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ConfigError(f"{path}: default_prompt_name={default!r} is not one of the prompts {list(prompts)}")
+    similarity = raw.get("similarity_fn_name") or "cosine"
+    if similarity not in SIMILARITY_FUNCTIONS:
+        raise ConfigError(f"{path}: similarity_fn_name={similarity!r} is not one of {SIMILARITY_FUNCTIONS}")
+    truncate_dim = raw.get("truncate_dim")
+    if truncate_dim is not None and not (type(truncate_dim) is int and truncate_dim >= 1):
+        raise ConfigError(f"{path}: truncate_dim={truncate_dim!r} must be a positive integer or null")
+    return Settings(prompts, default, similarity, truncate_dim)
 
 
 def _read_json(path: Path, what: str):
@@ -109,7 +149,8 @@ def read_layout(folder: Path) -> Layout:
                                   f"integer >= 2")
             break
     return Layout(transformer_dir, pooling, normalize, st_config.get("max_seq_length"),
-                  bool(st_config.get("do_lower_case", False)), kinds[0])
+                  bool(st_config.get("do_lower_case", False)), kinds[0],
+                  read_settings(folder / "config_sentence_transformers.json"))
 
 
 def _module_entry_ok(m) -> bool:
@@ -138,6 +179,11 @@ class SentenceEncoder:
         self.arch = arch
         self.source = source
         self._fast_runner = None  # reference path until ``fast`` is set (from_pretrained sets it)
+        # sentence-transformers' attributes of the same names, from config_sentence_transformers.json.
+        self.prompts = dict(layout.settings.prompts)
+        self.default_prompt_name = layout.settings.default_prompt_name
+        self.similarity_fn_name = layout.settings.similarity_fn_name
+        self.truncate_dim = layout.settings.truncate_dim
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -204,6 +250,12 @@ class SentenceEncoder:
     def embedding_dim(self) -> int:
         return self.model.config.hidden_size * len(self.layout.pooling.modes)
 
+    def get_sentence_embedding_dimension(self) -> int:
+        """The width ``encode`` returns: ``embedding_dim``, cut to ``truncate_dim`` when that is set."""
+        return min(self.embedding_dim, self.truncate_dim or self.embedding_dim)
+
+    get_embedding_dimension = get_sentence_embedding_dimension
+
     @property
     def fast(self) -> bool:
         """Whether ``encode`` runs ``minisbert.fast``'s packed path instead of the reference forward."""
@@ -261,20 +313,36 @@ class SentenceEncoder:
 
     @torch.inference_mode()
     def encode(self, sentences: str | list[str], batch_size: int = 32, normalize_embeddings: bool = False,
-               convert_to_numpy: bool = True, show_progress_bar: bool | None = None) -> np.ndarray | torch.Tensor:
+               convert_to_numpy: bool = True, show_progress_bar: bool | None = None, *,
+               prompt_name: str | None = None, prompt: str | None = None, convert_to_tensor: bool = False,
+               truncate_dim: int | None = None) -> np.ndarray | torch.Tensor:
         """Embed texts: a list gives (N, D) float32, a single ``str`` gives (D,).
 
-        Results follow the input order whatever the internal batching. ``convert_to_numpy=False``
-        returns a float32 ``torch.Tensor`` on the model's device instead of a numpy array.
+        Results follow the input order whatever the internal batching. ``convert_to_numpy=False`` or
+        ``convert_to_tensor=True`` returns a float32 ``torch.Tensor`` on the model's device instead of a
+        numpy array. As in sentence-transformers: ``prompt`` (or ``prompts[prompt_name]``, or the
+        model's default prompt) is prepended to every text; embeddings are cut to ``truncate_dim``
+        (default ``self.truncate_dim``) after the model's Normalize and before ``normalize_embeddings``.
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else check_texts(sentences)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        if prompt:
+            if not self.layout.pooling.include_prompt:
+                raise ConfigError(f"{self.source}: the pooling config says include_prompt=false (leave the prompt's "
+                                  f"tokens out of the pooling), which minisbert does not implement; "
+                                  f"encode without a prompt (prompt='')")
+            texts = [prompt + t for t in texts]
         # Surrogates -> U+FFFD here too, for tokenizers that are not ours (KoBERT's SentencePiece).
         texts = [clean_text(t) for t in texts]
         guard_forked_children()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        out = torch.empty((len(texts), self.embedding_dim), dtype=torch.float32, device=self.device)
+        truncate_dim = self.truncate_dim if truncate_dim is None else truncate_dim
+        if truncate_dim is not None and (type(truncate_dim) is not int or truncate_dim < 1):
+            raise ValueError(f"truncate_dim must be a positive integer or None, got {truncate_dim!r}")
+        width = min(self.embedding_dim, truncate_dim or self.embedding_dim)
+        out = torch.empty((len(texts), width), dtype=torch.float32, device=self.device)
         # Longest first, like sentence-transformers: similar lengths share a batch, less padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         if show_progress_bar is None:
@@ -296,7 +364,11 @@ class SentenceEncoder:
                 batches = [range(s, min(s + batch_size, len(chunk))) for s in range(0, len(chunk), batch_size)]
             parts = []  # written into ``out`` once per chunk: on CUDA each indexed write waits for the GPU
             for batch in batches:
-                parts.append(self.embed_ids([ids[i] for i in batch], normalize_embeddings))
+                if width == self.embedding_dim:
+                    parts.append(self.embed_ids([ids[i] for i in batch], normalize_embeddings))
+                else:  # cut after the model's own Normalize, then normalise the cut vectors if asked
+                    part = self.embed_ids([ids[i] for i in batch])[:, :width]
+                    parts.append(F.normalize(part, p=2, dim=1) if normalize_embeddings else part)
                 if progress is not None:
                     progress.update(len(batch))
             rows = torch.tensor([chunk[i] for batch in batches for i in batch])
@@ -305,7 +377,51 @@ class SentenceEncoder:
             progress.close()
         if single:
             out = out[0]
-        return out.cpu().numpy() if convert_to_numpy else out
+        return out.cpu().numpy() if convert_to_numpy and not convert_to_tensor else out
+
+    def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
+        """The text ``encode`` prepends: ``prompt`` if given, else ``prompts[prompt_name]``, else the default
+        prompt's, else none; sentence-transformers' rule."""
+        if prompt is not None:
+            if prompt_name is not None:
+                log.warning("both prompt and prompt_name given; prompt_name %r is ignored", prompt_name)
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            return prompt
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise ValueError(f"prompt name {name!r} is not one of the model's prompts {list(self.prompts)}")
+        return self.prompts[name]
+
+    def encode_query(self, sentences: str | list[str], **kwargs) -> np.ndarray | torch.Tensor:
+        """``encode`` with the ``"query"`` prompt unless a prompt is given (sentence-transformers' encode_query)."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None and "query" in self.prompts:
+            kwargs["prompt_name"] = "query"
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(self, sentences: str | list[str], **kwargs) -> np.ndarray | torch.Tensor:
+        """``encode`` with the first of the ``"document"``, ``"passage"``, ``"corpus"`` prompts the model
+        has, unless a prompt is given (sentence-transformers' encode_document)."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+            kwargs["prompt_name"] = next((n for n in ("document", "passage", "corpus") if n in self.prompts), None)
+        return self.encode(sentences, **kwargs)
+
+    def similarity(self, a, b) -> torch.Tensor:
+        """(len(a), len(b)) scores of ``similarity_fn_name`` (cosine unless the model's settings say
+        ``dot``, ``euclidean`` or ``manhattan``; the distances negated) between two sets of embeddings:
+        arrays, tensors, or lists of vectors; a single vector is a set of one. sentence-transformers'
+        ``model.similarity``, the same torch operations."""
+        a, b = as_embedding_batch(a), as_embedding_batch(b)
+        name = self.similarity_fn_name
+        if name == "cosine":
+            return torch.mm(F.normalize(a, p=2, dim=-1), F.normalize(b, p=2, dim=-1).transpose(0, 1))
+        if name == "dot":
+            return torch.mm(a, b.transpose(0, 1))
+        if name in ("euclidean", "manhattan"):
+            return -torch.cdist(a, b, p=2.0 if name == "euclidean" else 1.0)
+        raise ValueError(f"similarity_fn_name={name!r} is not one of {SIMILARITY_FUNCTIONS}")
 
     def trace(self, sentences: str | list[str], batch_size: int = 8, normalize_embeddings: bool = False) -> list:
         """Per-sentence ``minisbert.trace.Trace``: tokens, every layer's states, attention maps (and
@@ -313,6 +429,19 @@ class SentenceEncoder:
         from minisbert.trace import trace
 
         return trace(self, sentences, batch_size=batch_size, normalize_embeddings=normalize_embeddings)
+
+
+def as_embedding_batch(x) -> torch.Tensor:
+    """Embeddings as a (N, D) tensor: numpy arrays are viewed, lists of vectors stacked, half precision
+    widened to float32 (a matmul in it would round nearby scores into ties)."""
+    if isinstance(x, (list, tuple)):
+        x = torch.stack([torch.from_numpy(v) if isinstance(v, np.ndarray) else torch.as_tensor(v) for v in x])
+    elif isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    x = torch.as_tensor(x)
+    if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:
+        x = x.float()
+    return x.unsqueeze(0) if x.dim() == 1 else x
 
 
 def has_hooks(model: torch.nn.Module) -> bool:

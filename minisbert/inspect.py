@@ -79,7 +79,10 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
         "sentence_transformers": {
             "pooling": list(layout.pooling.modes), "normalize": layout.normalize,
             "max_seq_length": encoder.max_seq_length, "do_lower_case": layout.do_lower_case,
-            "embedding_dim": encoder.embedding_dim,
+            "embedding_dim": encoder.embedding_dim, "truncate_dim": encoder.truncate_dim,
+            "similarity_fn_name": encoder.similarity_fn_name,
+            "prompts": {k: v for k, v in encoder.prompts.items() if v},
+            "default_prompt_name": encoder.default_prompt_name,
         },
         "tokenizer": _tokenizer_info(encoder.tokenizer, layout.transformer_dir),
         "dtype": {"model": _dtype(next(model.parameters())),
@@ -202,7 +205,11 @@ def format_text(info: dict, all_keys: bool = False) -> str:
         lines += textwrap.wrap(rel, width=110, initial_indent="relative     ", subsequent_indent=" " * 13)
     lines += [
         f"sentence     pooling {'+'.join(st['pooling'])} · normalize {yes(st['normalize'])} · max_seq_length "
-        f"{st['max_seq_length']} · do_lower_case {yes(st['do_lower_case'])} · embedding dim {st['embedding_dim']}",
+        f"{st['max_seq_length']} · do_lower_case {yes(st['do_lower_case'])} · embedding dim {st['embedding_dim']}"
+        + (f" (cut to {st['truncate_dim']})" if st["truncate_dim"] else ""),
+        f"settings     similarity {st['similarity_fn_name']} · prompts "
+        f"{', '.join(f'{k} {v!r}' for k, v in st['prompts'].items()) or 'none'} · default prompt "
+        f"{st['default_prompt_name'] or 'none'}",
         f"tokenizer    {tok['kind']} from {tok['file']} · vocab {tok['vocab_size']} · pad id {tok['pad_id']}",
         f"dtype        model {info['dtype']['model']} · checkpoint {', '.join(info['dtype']['checkpoint'])}",
         f"parameters   {params['total']:,} total",

@@ -30,6 +30,9 @@ MODES = tuple(LEGACY_KEYS.values())
 @dataclass(frozen=True)
 class PoolingConfig:
     modes: tuple[str, ...] = ("mean",)
+    # False: a prompt's tokens are left out of the pooling (INSTRUCTOR-style models). Only read so that
+    # ``encode`` can refuse a prompt for such a model instead of pooling the prompt silently.
+    include_prompt: bool = True
 
     @classmethod
     def from_file(cls, path: Path) -> "PoolingConfig":
@@ -45,7 +48,10 @@ class PoolingConfig:
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise ConfigError(f"{path}: pooling mode {bad or modes!r} is not one of {MODES}")
-        return cls(modes)
+        include_prompt = raw.get("include_prompt", True)
+        if not isinstance(include_prompt, bool):
+            raise ConfigError(f"{path}: include_prompt={include_prompt!r} must be true or false")
+        return cls(modes, include_prompt)
 
 
 def mean_pool(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
