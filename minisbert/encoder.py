@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from minisbert import checkpoint, hub
+from minisbert.dense import load_dense
 from minisbert.errors import ConfigError, ModelNotFoundError, UnsupportedModuleError
 from minisbert.fast import guard_forked_children, to_device, token_batches
 from minisbert.models import ARCHITECTURES
@@ -31,6 +32,7 @@ log = logging.getLogger("minisbert")
 # KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/kobert.py.
 TRANSFORMER_TYPES = ("Transformer", "KoBertTransformer")
 POOLING_TYPES = ("Pooling",)
+DENSE_TYPES = ("Dense",)
 NORMALIZE_TYPES = ("Normalize",)
 
 # A text is padded to its own token count rounded up to this multiple, never to its batch's longest
@@ -53,6 +55,7 @@ class Layout:
     do_lower_case: bool
     transformer_type: str = "Transformer"  # class name of the first module
     settings: "Settings" = field(default_factory=lambda: Settings())
+    dense: tuple[Path, ...] = ()  # folders of the Dense modules between Pooling and Normalize, in order
 
 
 # sentence-transformers' similarity functions for single-vector embeddings (``model.similarity``).
@@ -106,7 +109,7 @@ def _read_json(path: Path, what: str):
 def read_layout(folder: Path) -> Layout:
     """Parse ``modules.json`` (or treat a bare Hugging Face folder as Transformer + mean pooling)."""
     if not (folder / "modules.json").is_file():
-        transformer_dir, pooling, normalize = folder, PoolingConfig(("mean",)), False
+        transformer_dir, pooling, normalize, dense = folder, PoolingConfig(("mean",)), False, ()
         kinds = ["Transformer"]
     else:
         modules = _read_json(folder / "modules.json", "module list")
@@ -123,20 +126,24 @@ def read_layout(folder: Path) -> Layout:
         modules = sorted(modules, key=lambda m: m.get("idx", 0))
         kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
         for module, kind in zip(modules, kinds):
-            if kind not in TRANSFORMER_TYPES + POOLING_TYPES + NORMALIZE_TYPES:
+            if kind not in TRANSFORMER_TYPES + POOLING_TYPES + DENSE_TYPES + NORMALIZE_TYPES:
                 raise UnsupportedModuleError(
                     f"{folder / 'modules.json'}: module {module['type']!r} is not implemented by minisbert "
-                    f"(supported: Transformer, KoBertTransformer, Pooling, Normalize)")
+                    f"(supported: Transformer, KoBertTransformer, Pooling, Dense, Normalize)")
+        n_dense = sum(k in DENSE_TYPES for k in kinds)
         in_order = (kinds[:1] and kinds[0] in TRANSFORMER_TYPES
                     and (len(kinds) == 1 or kinds[1] in POOLING_TYPES)
-                    and all(k in NORMALIZE_TYPES for k in kinds[2:3]) and len(kinds) <= 3)
+                    and all(k in DENSE_TYPES for k in kinds[2: 2 + n_dense])
+                    and all(k in NORMALIZE_TYPES for k in kinds[2 + n_dense: 3 + n_dense])
+                    and len(kinds) <= 3 + n_dense)
         if not in_order:
             raise UnsupportedModuleError(f"{folder / 'modules.json'}: module order {kinds} is not "
-                                         f"Transformer, Pooling[, Normalize]")
+                                         f"Transformer, Pooling[, Dense...][, Normalize]")
         transformer_dir = folder / modules[0].get("path", "")
         pooling = (read_pooling(folder / modules[1].get("path", "") / "config.json")
                    if len(modules) > 1 else PoolingConfig(("mean",)))
         normalize = kinds[-1] in NORMALIZE_TYPES
+        dense = tuple(folder / m.get("path", "") for m, k in zip(modules, kinds) if k in DENSE_TYPES)
     st_config = {}
     for name in ("sentence_bert_config.json", "sentence_xlm-roberta_config.json"):
         if (transformer_dir / name).is_file():
@@ -150,7 +157,7 @@ def read_layout(folder: Path) -> Layout:
             break
     return Layout(transformer_dir, pooling, normalize, st_config.get("max_seq_length"),
                   bool(st_config.get("do_lower_case", False)), kinds[0],
-                  read_settings(folder / "config_sentence_transformers.json"))
+                  read_settings(folder / "config_sentence_transformers.json"), dense)
 
 
 def _module_entry_ok(m) -> bool:
@@ -172,8 +179,9 @@ class SentenceEncoder:
     """Sentence embeddings from a BERT, RoBERTa or DeBERTa-v2 sentence-transformers checkpoint."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer, layout: Layout, arch,
-                 source: str = ""):
+                 source: str = "", dense: list | None = None):
         self.model = model
+        self.dense = dense or []  # minisbert.dense.Dense modules, applied to the pooled embedding
         self.tokenizer = tokenizer
         self.layout = layout
         self.arch = arch
@@ -219,7 +227,12 @@ class SentenceEncoder:
         else:
             tokenizer = TextTokenizer.from_folder(layout.transformer_dir, max_seq_length,
                                                   layout.do_lower_case, fallback_pad_id=model.config.pad_token_id)
-        encoder = cls(model, tokenizer, layout, arch, source=str(folder))
+        width = model.config.hidden_size * len(layout.pooling.modes)
+        dense = []
+        for dense_dir in layout.dense:  # each takes the width the one before gives
+            dense.append(load_dense(dense_dir, width, device=device, dtype=dtype))
+            width = dense[-1].config.out_features
+        encoder = cls(model, tokenizer, layout, arch, source=str(folder), dense=dense)
         encoder.max_seq_length = min(tokenizer.max_seq_length or limit, limit)
         encoder.fast = fast
         return encoder
@@ -248,6 +261,8 @@ class SentenceEncoder:
 
     @property
     def embedding_dim(self) -> int:
+        if self.dense:
+            return self.dense[-1].config.out_features
         return self.model.config.hidden_size * len(self.layout.pooling.modes)
 
     def get_sentence_embedding_dimension(self) -> int:
@@ -297,16 +312,25 @@ class SentenceEncoder:
         # Padded on the host: the fast path builds its token layout there and sends it once.
         padded = [self.tokenizer.pad([ids[b] for b in rows], "cpu", T) for (T, _), rows in groups.items()]
         modes = self.layout.pooling.modes
+        width = self.model.config.hidden_size * len(modes)
         if runner is not None:
-            pooled = runner.embed(padded, modes).float()  # (B, embedding_dim), group after group
+            pooled = runner.embed(padded, modes)  # (B, C * modes), group after group
             order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), self.device)
-            emb = torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``
+            pooled = torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``
         else:
-            emb = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32, device=self.device)
+            pooled = torch.empty((len(ids), width), dtype=self.dtype, device=self.device)
             for rows, (input_ids, attention_mask) in zip(groups.values(), padded):  # each (b, T)
                 input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
                 states = self.model(input_ids, attention_mask)  # (b, T, C)
-                emb[rows] = pool(states, attention_mask, modes).float()  # (b, embedding_dim)
+                pooled[rows] = pool(states, attention_mask, modes)  # (b, C * modes)
+        return self.head(pooled, normalize)
+
+    def head(self, pooled: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """The modules after Pooling: (B, C * modes) pooled in the model's dtype -> (B, embedding_dim)
+        float32 embeddings, through the Dense modules and then Normalize (or ``normalize``)."""
+        for dense in self.dense:
+            pooled = dense(pooled)
+        emb = pooled.float()
         if self.layout.normalize or normalize:
             emb = F.normalize(emb, p=2, dim=1)
         return emb

@@ -2,7 +2,7 @@
 
 Hub downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``,
 revisions) and fetch only what an encoder needs: configs, tokenizer files, and one weights format
-(safetensors when the repo has it, else the legacy ``.bin``).
+(safetensors when the repo has it, else the legacy ``.bin``) for the transformer and each Dense module.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = 
 
     try:
         folder = download(CONFIG_PATTERNS)
-        sub = transformer_subfolder(folder)
-        folder = download([sub + p for p in SAFETENSORS_PATTERNS])
-        if not any((folder / sub).glob("model*.safetensors")):
-            folder = download([sub + p for p in BIN_PATTERNS])
+        for sub in [transformer_subfolder(folder)] + dense_subfolders(folder):  # the modules with weights
+            folder = download([sub + p for p in SAFETENSORS_PATTERNS])
+            if not any((folder / sub).glob("model*.safetensors")):
+                folder = download([sub + p for p in BIN_PATTERNS])
     except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else \
@@ -96,6 +96,15 @@ def transformer_subfolder(folder: Path) -> str:
     return ""
 
 
+def dense_subfolders(folder: Path) -> list[str]:
+    """Relative folders ('x/') of the Dense modules named by ``modules.json``, whose weights ``encoder`` reads."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return []
+    return [m["path"].strip("/") + "/" for m in json.loads(modules_file.read_text(encoding="utf-8"))
+            if m.get("type", "").rsplit(".", 1)[-1] == "Dense" and m.get("path", "").strip("/")]
+
+
 def download(name: str, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Fetch a manifest entry (or any hub id) into ``weights/<name>/``, adding a safetensors twin
     when the repo only has the legacy ``.bin``."""
@@ -104,10 +113,10 @@ def download(name: str, revision: str | None = None, token: str | bool | None = 
     entry = manifest().get(name, {"hub_id": name})
     target = weights_dir() / name.replace("/", "__")
     folder = fetch(entry["hub_id"], revision or entry.get("revision"), token, local_dir=str(target))
-    sub = folder / transformer_subfolder(folder)
-    if not any(sub.glob("model*.safetensors")):
-        for index_or_bin in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
-            if (sub / index_or_bin).is_file():
-                convert_to_safetensors(sub / index_or_bin, sub / "model.safetensors")
-                break
+    for sub in [folder / transformer_subfolder(folder)] + [folder / d for d in dense_subfolders(folder)]:
+        if not any(sub.glob("model*.safetensors")):
+            for index_or_bin in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
+                if (sub / index_or_bin).is_file():
+                    convert_to_safetensors(sub / index_or_bin, sub / "model.safetensors")
+                    break
     return folder

@@ -83,6 +83,7 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
             "similarity_fn_name": encoder.similarity_fn_name,
             "prompts": {k: v for k, v in encoder.prompts.items() if v},
             "default_prompt_name": encoder.default_prompt_name,
+            "dense": [asdict(d.config) for d in encoder.dense],
         },
         "tokenizer": _tokenizer_info(encoder.tokenizer, layout.transformer_dir),
         "dtype": {"model": _dtype(next(model.parameters())),
@@ -210,6 +211,8 @@ def format_text(info: dict, all_keys: bool = False) -> str:
         f"settings     similarity {st['similarity_fn_name']} · prompts "
         f"{', '.join(f'{k} {v!r}' for k, v in st['prompts'].items()) or 'none'} · default prompt "
         f"{st['default_prompt_name'] or 'none'}",
+        *(f"dense        {d['in_features']} -> {d['out_features']} · {d['activation_function'].rsplit('.', 1)[-1]}"
+          f"{'' if d['bias'] else ' · no bias'}{' · residual' if d['use_residual'] else ''}" for d in st["dense"]),
         f"tokenizer    {tok['kind']} from {tok['file']} · vocab {tok['vocab_size']} · pad id {tok['pad_id']}",
         f"dtype        model {info['dtype']['model']} · checkpoint {', '.join(info['dtype']['checkpoint'])}",
         f"parameters   {params['total']:,} total",

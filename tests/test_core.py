@@ -136,9 +136,9 @@ def test_config_refuses_what_is_not_implemented(tmp_path):
 def test_unsupported_module_is_named(tmp_path):
     path = make_checkpoint(tmp_path / "m", "bert")
     modules = json.loads((path / "modules.json").read_text())
-    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"})
     (path / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(UnsupportedModuleError, match="sentence_transformers.models.Dense"):
+    with pytest.raises(UnsupportedModuleError, match="sentence_transformers.models.LayerNorm"):
         SentenceEncoder.from_pretrained(path)
 
 

@@ -97,3 +97,30 @@ def test_download_converts_bin_only_repos(tmp_path, monkeypatch):
     assert (folder / "model.safetensors").is_file()
     (folder / "pytorch_model.bin").unlink()
     assert SentenceEncoder.from_pretrained(folder).embedding_dim == 64
+
+
+@pytest.mark.parametrize("formats", ["safetensors", "bin"])
+def test_fetch_and_download_take_dense_weights(tmp_path, monkeypatch, formats):
+    """A Dense module's weights live in its own folder: fetched (one format) and converted like the model's."""
+    import huggingface_hub
+    from conftest import add_dense
+
+    remote = add_dense(make_checkpoint(tmp_path / "remote", "bert"), [{"in_features": 64, "out_features": 16}],
+                       safe=formats == "safetensors")
+    expected = SentenceEncoder.from_pretrained(remote).encode(corpus(5))
+    fake = FakeHub(remote, tmp_path / "local")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    enc = SentenceEncoder.from_pretrained("org/remote")
+    dense_file = "2_Dense/model.safetensors" if formats == "safetensors" else "2_Dense/pytorch_model.bin"
+    assert {"2_Dense/config.json", dense_file, "model.safetensors"} <= fake.fetched
+    assert not {"2_Dense/model.safetensors", "2_Dense/pytorch_model.bin"} - {dense_file} & fake.fetched
+    np.testing.assert_array_equal(enc.encode(corpus(5)), expected)
+
+    monkeypatch.setenv("MINISBERT_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, local_dir=None, **kw: FakeHub(remote, Path(local_dir))(
+                            repo_id, local_dir=local_dir, **kw))
+    folder = hub.download("org/remote")
+    assert (folder / "2_Dense" / "model.safetensors").is_file()
+    (folder / "2_Dense" / "pytorch_model.bin").unlink(missing_ok=True)
+    np.testing.assert_array_equal(SentenceEncoder.from_pretrained(folder).encode(corpus(5)), expected)
