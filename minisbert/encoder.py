@@ -60,6 +60,8 @@ class Layout:
 
 # sentence-transformers' similarity functions for single-vector embeddings (``model.similarity``).
 SIMILARITY_FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
+# The prompt names sentence-transformers always knows, empty unless the settings fill them.
+DEFAULT_PROMPTS = {"query": "", "document": ""}
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Settings:
     """``config_sentence_transformers.json``: what changes ``encode``'s result or ``similarity`` beyond the
     modules. sentence-transformers prepends the default prompt to every text and cuts embeddings to
     ``truncate_dim`` without being asked, so ignoring these keys would silently break parity."""
-    prompts: dict = field(default_factory=lambda: {"query": "", "document": ""})  # name -> text
+    prompts: dict = field(default_factory=lambda: dict(DEFAULT_PROMPTS))  # name -> text
     default_prompt_name: str | None = None
     similarity_fn_name: str = "cosine"
     truncate_dim: int | None = None
@@ -83,8 +85,7 @@ def read_settings(path: Path) -> Settings:
     prompts = raw.get("prompts") or {}
     if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
         raise ConfigError(f"{path}: prompts={prompts!r} must map prompt names to strings")
-    # sentence-transformers always knows "query" and "document" (empty unless the file sets them).
-    prompts = {"query": "", "document": "", **prompts}
+    prompts = {**DEFAULT_PROMPTS, **prompts}
     default = raw.get("default_prompt_name")
     if default is not None and default not in prompts:
         raise ConfigError(f"{path}: default_prompt_name={default!r} is not one of the prompts {list(prompts)}")

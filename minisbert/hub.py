@@ -86,22 +86,23 @@ def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = 
     return folder
 
 
+def _modules(folder: Path) -> list[dict]:
+    """The entries of ``modules.json`` (none for a bare Hugging Face folder)."""
+    modules_file = folder / "modules.json"
+    return json.loads(modules_file.read_text(encoding="utf-8")) if modules_file.is_file() else []
+
+
 def transformer_subfolder(folder: Path) -> str:
     """Relative folder ('' or 'x/') of the transformer module named by ``modules.json``."""
-    modules_file = folder / "modules.json"
-    if modules_file.is_file():
-        for module in json.loads(modules_file.read_text(encoding="utf-8")):
-            if module.get("type", "").endswith("Transformer") and module.get("path"):
-                return module["path"].strip("/") + "/"
+    for module in _modules(folder):
+        if module.get("type", "").endswith("Transformer") and module.get("path"):
+            return module["path"].strip("/") + "/"
     return ""
 
 
 def dense_subfolders(folder: Path) -> list[str]:
     """Relative folders ('x/') of the Dense modules named by ``modules.json``, whose weights ``encoder`` reads."""
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return []
-    return [m["path"].strip("/") + "/" for m in json.loads(modules_file.read_text(encoding="utf-8"))
+    return [m["path"].strip("/") + "/" for m in _modules(folder)
             if m.get("type", "").rsplit(".", 1)[-1] == "Dense" and m.get("path", "").strip("/")]
 
 
