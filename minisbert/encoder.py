@@ -228,12 +228,9 @@ class SentenceEncoder:
         else:
             tokenizer = TextTokenizer.from_folder(layout.transformer_dir, max_seq_length,
                                                   layout.do_lower_case, fallback_pad_id=model.config.pad_token_id)
-        width = model.config.hidden_size * len(layout.pooling.modes)
-        dense = []
+        encoder = cls(model, tokenizer, layout, arch, source=str(folder))
         for dense_dir in layout.dense:  # each takes the width the one before gives
-            dense.append(load_dense(dense_dir, width, device=device, dtype=dtype))
-            width = dense[-1].config.out_features
-        encoder = cls(model, tokenizer, layout, arch, source=str(folder), dense=dense)
+            encoder.dense.append(load_dense(dense_dir, encoder.embedding_dim, device=device, dtype=dtype))
         encoder.max_seq_length = min(tokenizer.max_seq_length or limit, limit)
         encoder.fast = fast
         return encoder
@@ -261,10 +258,14 @@ class SentenceEncoder:
         self.tokenizer.max_seq_length = value
 
     @property
-    def embedding_dim(self) -> int:
-        if self.dense:
-            return self.dense[-1].config.out_features
+    def pooled_dim(self) -> int:
+        """The width Pooling gives: hidden size times the number of pooling modes."""
         return self.model.config.hidden_size * len(self.layout.pooling.modes)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of an embedding: the last Dense module's, else the pooled width."""
+        return self.dense[-1].config.out_features if self.dense else self.pooled_dim
 
     def get_sentence_embedding_dimension(self) -> int:
         """The width ``encode`` returns: ``embedding_dim``, cut to ``truncate_dim`` when that is set."""
@@ -313,13 +314,12 @@ class SentenceEncoder:
         # Padded on the host: the fast path builds its token layout there and sends it once.
         padded = [self.tokenizer.pad([ids[b] for b in rows], "cpu", T) for (T, _), rows in groups.items()]
         modes = self.layout.pooling.modes
-        width = self.model.config.hidden_size * len(modes)
         if runner is not None:
             pooled = runner.embed(padded, modes)  # (B, C * modes), group after group
             order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), self.device)
             pooled = torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``
         else:
-            pooled = torch.empty((len(ids), width), dtype=self.dtype, device=self.device)
+            pooled = torch.empty((len(ids), self.pooled_dim), dtype=self.dtype, device=self.device)
             for rows, (input_ids, attention_mask) in zip(groups.values(), padded):  # each (b, T)
                 input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
                 states = self.model(input_ids, attention_mask)  # (b, T, C)
