@@ -3,21 +3,20 @@ embedding, between ``Pooling`` and ``Normalize`` (LaBSE: CLS pooling, then 768 -
 
 A module folder holds ``config.json`` (``in_features``, ``out_features``, ``bias``,
 ``activation_function`` as the activation's class path, ``use_residual``) and its weights
-(``model.safetensors``, or a legacy ``pytorch_model.bin`` through the safe loader). Loading is as
-strict as the encoder's: every key mapped, every shape checked, anything not implemented refused.
+(``model.safetensors``, or a legacy ``pytorch_model.bin`` through the safe loader), which
+``minisbert.loading`` fills through the same strict path as the transformer's (``NAMES`` is the
+checkpoint-name table). Anything not implemented is refused.
 """
 
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisbert import checkpoint
 from minisbert.errors import ConfigError
 
 # The class paths sentence-transformers saves for an activation (``util.fullname``) -> the function.
@@ -46,12 +45,8 @@ class DenseConfig:
     use_residual: bool = False
 
     @classmethod
-    def from_file(cls, path: Path) -> "DenseConfig":
-        from minisbert.encoder import _read_json
-
-        raw = _read_json(path, "Dense config")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+    def from_dict(cls, raw: dict, path: str) -> "DenseConfig":
+        """The Dense module's ``config.json``, checked; ``path`` names the file in errors."""
         raw = dict(raw)
         for key in ("module_input_name", "module_output_name"):  # the features a Dense reads and writes
             value = raw.pop(key, None)
@@ -88,20 +83,3 @@ class Dense(nn.Module):
         if self.config.use_residual:
             out = out + (x if self.residual is None else self.residual(x))
         return out
-
-
-def load_dense(folder: Path, in_features: int, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Dense:
-    """The Dense module of ``folder``, whose input must be ``in_features`` wide (the previous module's
-    output), built on the meta device and filled strictly from its weights file."""
-    config = DenseConfig.from_file(folder / "config.json")
-    if config.in_features != in_features:
-        raise ConfigError(f"{folder / 'config.json'}: in_features={config.in_features}, but the module "
-                          f"before it gives {in_features}")
-    weights = checkpoint.find_weights(folder)
-    with torch.device("meta"):
-        module = Dense(config)
-    state = checkpoint.map_state_dict(checkpoint.read_state_dict(weights), NAMES, module, str(weights))
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True,
-                           assign=True)
-    return module.eval().requires_grad_(False)

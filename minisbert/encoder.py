@@ -1,198 +1,57 @@
-"""``SentenceEncoder``: a sentence-transformers folder read the way sentence-transformers reads it.
+"""``SentenceEncoder``: runs a sentence-transformers model; reading and loading happen before it.
 
-The pipeline is fixed and small: tokenizer -> transformer (our own modules) -> pooling ->
-optional L2 normalisation. ``modules.json`` must describe exactly that; any other module type is an
-error naming it, never silently skipped.
+``from_pretrained`` finds the folder (``hub``), reads it once into a ``ModelFolder`` (``folder``),
+builds and fills the modules (``loading``), then the encoder only runs: tokenizer -> transformer
+(through a runner, ``runner.ReferenceRunner`` or ``fast.PackedRunner``) -> pooling -> Dense... ->
+Normalize, with sentence-transformers' ``encode`` semantics (prompts, truncate_dim, ordering).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import operator
 import os
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from minisbert import checkpoint, hub
-from minisbert.dense import load_dense
-from minisbert.errors import ConfigError, ModelNotFoundError, UnsupportedModuleError
-from minisbert.fast import guard_forked_children, to_device, token_batches
-from minisbert.models import ARCHITECTURES
-from minisbert.pooling import PoolingConfig, pool
-from minisbert.tokenizer import TextTokenizer, clean_text
+from minisbert import hub
+from minisbert.errors import ConfigError
+from minisbert.fast import PackedRunner, fast_forward, to_device
+from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
+from minisbert.loading import Loaded, load
+from minisbert.runner import ReferenceRunner, guard_forked_children
+from minisbert.tokenizer import check_texts, clean_text
+from minisbert.trace import trace as trace_sentences
 
 log = logging.getLogger("minisbert")
 
-# sentence-transformers module types, by the class name at the end of their import path.
-# KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/kobert.py.
-TRANSFORMER_TYPES = ("Transformer", "KoBertTransformer")
-POOLING_TYPES = ("Pooling",)
-DENSE_TYPES = ("Dense",)
-NORMALIZE_TYPES = ("Normalize",)
-
-# A text is padded to its own token count rounded up to this multiple, never to its batch's longest
-# text, so its embedding cannot depend on its neighbours: the fused attention kernel's sums are grouped
-# by the padded length (bert-base size: up to 4.8e-6 apart between batch sizes 1 and 64 when padding to
-# the longest), while rows of equal padded length compute the same bits in any batch. A multiple of 8
-# also keeps every GEMM at >= 8 rows, where MKL uses one kernel (1-3, 5-7, 9-11 rows round differently).
-PAD_MULTIPLE = 8
 # Texts whose token counts are planned into batches at once (the packed path sorts them by tokens).
 PLAN_CHUNK = 4096
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a model folder holds, read from its files."""
-    transformer_dir: Path
-    pooling: PoolingConfig
-    normalize: bool
-    max_seq_length: int | None
-    do_lower_case: bool
-    transformer_type: str = "Transformer"  # class name of the first module
-    settings: "Settings" = field(default_factory=lambda: Settings())
-    dense: tuple[Path, ...] = ()  # folders of the Dense modules between Pooling and Normalize, in order
-
-
-# sentence-transformers' similarity functions for single-vector embeddings (``model.similarity``).
-SIMILARITY_FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
-# The prompt names sentence-transformers always knows, empty unless the settings fill them.
-DEFAULT_PROMPTS = {"query": "", "document": ""}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """``config_sentence_transformers.json``: what changes ``encode``'s result or ``similarity`` beyond the
-    modules. sentence-transformers prepends the default prompt to every text and cuts embeddings to
-    ``truncate_dim`` without being asked, so ignoring these keys would silently break parity."""
-    prompts: dict = field(default_factory=lambda: dict(DEFAULT_PROMPTS))  # name -> text
-    default_prompt_name: str | None = None
-    similarity_fn_name: str = "cosine"
-    truncate_dim: int | None = None
-
-
-def read_settings(path: Path) -> Settings:
-    """Read and check ``config_sentence_transformers.json`` (missing: the defaults, as sentence-transformers)."""
-    if not path.is_file():
-        return Settings()
-    raw = _read_json(path, "sentence-transformers settings")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    prompts = raw.get("prompts") or {}
-    if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
-        raise ConfigError(f"{path}: prompts={prompts!r} must map prompt names to strings")
-    prompts = {**DEFAULT_PROMPTS, **prompts}
-    default = raw.get("default_prompt_name")
-    if default is not None and default not in prompts:
-        raise ConfigError(f"{path}: default_prompt_name={default!r} is not one of the prompts {list(prompts)}")
-    similarity = raw.get("similarity_fn_name") or "cosine"
-    if similarity not in SIMILARITY_FUNCTIONS:
-        raise ConfigError(f"{path}: similarity_fn_name={similarity!r} is not one of {SIMILARITY_FUNCTIONS}")
-    truncate_dim = raw.get("truncate_dim")
-    if truncate_dim is not None and not (type(truncate_dim) is int and truncate_dim >= 1):
-        raise ConfigError(f"{path}: truncate_dim={truncate_dim!r} must be a positive integer or null")
-    return Settings(prompts, default, similarity, truncate_dim)
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{path}: missing {what}") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable {what} ({e})") from None
-
-
-def read_layout(folder: Path) -> Layout:
-    """Parse ``modules.json`` (or treat a bare Hugging Face folder as Transformer + mean pooling)."""
-    if not (folder / "modules.json").is_file():
-        transformer_dir, pooling, normalize, dense = folder, PoolingConfig(("mean",)), False, ()
-        kinds = ["Transformer"]
-    else:
-        modules = _read_json(folder / "modules.json", "module list")
-        if not isinstance(modules, list) or not all(_module_entry_ok(m) for m in modules):
-            raise ConfigError(f"{folder / 'modules.json'}: expected a list of {{'idx': int, 'type': str, "
-                              f"'path': str}} objects")
-        for module in modules:
-            # Paths are joined to the folder, as sentence-transformers joins them; "../x" or "/x" would
-            # read another model's files.
-            path = os.path.normpath(module.get("path") or ".")
-            if os.path.isabs(path) or path.split(os.sep)[0] == "..":
-                raise ConfigError(f"{folder / 'modules.json'}: module path {module['path']!r} leads outside "
-                                  f"the model folder")
-        modules = sorted(modules, key=lambda m: m.get("idx", 0))
-        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
-        for module, kind in zip(modules, kinds):
-            if kind not in TRANSFORMER_TYPES + POOLING_TYPES + DENSE_TYPES + NORMALIZE_TYPES:
-                raise UnsupportedModuleError(
-                    f"{folder / 'modules.json'}: module {module['type']!r} is not implemented by minisbert "
-                    f"(supported: Transformer, KoBertTransformer, Pooling, Dense, Normalize)")
-        n_dense = sum(k in DENSE_TYPES for k in kinds)
-        in_order = (kinds[:1] and kinds[0] in TRANSFORMER_TYPES
-                    and (len(kinds) == 1 or kinds[1] in POOLING_TYPES)
-                    and all(k in DENSE_TYPES for k in kinds[2: 2 + n_dense])
-                    and all(k in NORMALIZE_TYPES for k in kinds[2 + n_dense: 3 + n_dense])
-                    and len(kinds) <= 3 + n_dense)
-        if not in_order:
-            raise UnsupportedModuleError(f"{folder / 'modules.json'}: module order {kinds} is not "
-                                         f"Transformer, Pooling[, Dense...][, Normalize]")
-        transformer_dir = folder / modules[0].get("path", "")
-        pooling = (read_pooling(folder / modules[1].get("path", "") / "config.json")
-                   if len(modules) > 1 else PoolingConfig(("mean",)))
-        normalize = kinds[-1] in NORMALIZE_TYPES
-        dense = tuple(folder / m.get("path", "") for m, k in zip(modules, kinds) if k in DENSE_TYPES)
-    st_config = {}
-    for name in ("sentence_bert_config.json", "sentence_xlm-roberta_config.json"):
-        if (transformer_dir / name).is_file():
-            st_config = _read_json(transformer_dir / name, "sentence-transformers config")
-            if not isinstance(st_config, dict):
-                raise ConfigError(f"{transformer_dir / name}: expected a JSON object")
-            max_seq_length = st_config.get("max_seq_length")
-            if max_seq_length is not None and not (type(max_seq_length) is int and max_seq_length >= 2):
-                raise ConfigError(f"{transformer_dir / name}: max_seq_length={max_seq_length!r} must be an "
-                                  f"integer >= 2")
-            break
-    return Layout(transformer_dir, pooling, normalize, st_config.get("max_seq_length"),
-                  bool(st_config.get("do_lower_case", False)), kinds[0],
-                  read_settings(folder / "config_sentence_transformers.json"), dense)
-
-
-def _module_entry_ok(m) -> bool:
-    return (isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path", ""), str)
-            and type(m.get("idx", 0)) is int)
-
-
-def read_pooling(path: Path) -> PoolingConfig:
-    """``1_Pooling/config.json``; a missing file or a malformed one is an error naming it."""
-    if not isinstance(_read_json(path, "pooling config"), dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    try:
-        return PoolingConfig.from_file(path)
-    except TypeError as e:  # e.g. "pooling_mode": 3
-        raise ConfigError(f"{path}: invalid pooling config ({e})") from None
 
 
 class SentenceEncoder:
     """Sentence embeddings from a BERT, RoBERTa or DeBERTa-v2 sentence-transformers checkpoint."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer, layout: Layout, arch,
-                 source: str = "", dense: list | None = None):
-        self.model = model
-        self.dense = dense or []  # minisbert.dense.Dense modules, applied to the pooled embedding
-        self.tokenizer = tokenizer
-        self.layout = layout
-        self.arch = arch
-        self.source = source
-        self._fast_runner = None  # reference path until ``fast`` is set (from_pretrained sets it)
+    def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None):
+        self.folder = folder  # what the model folder says (modules, pooling, settings, files)
+        self.source = str(folder.root)
+        self.arch = loaded.arch
+        self.model = loaded.model
+        self.dense = loaded.dense  # minisbert.dense.Dense modules, applied to the pooled embedding
+        self.tokenizer = loaded.tokenizer
+        self.max_tokens = loaded.max_tokens  # the position table's limit on max_seq_length
+        self.max_seq_length = loaded.max_seq_length
         # sentence-transformers' attributes of the same names, from config_sentence_transformers.json.
-        self.prompts = dict(layout.settings.prompts)
-        self.default_prompt_name = layout.settings.default_prompt_name
-        self.similarity_fn_name = layout.settings.similarity_fn_name
-        self.truncate_dim = layout.settings.truncate_dim
+        self.prompts = dict(folder.settings.prompts)
+        self.default_prompt_name = folder.settings.default_prompt_name
+        self.similarity_fn_name = folder.settings.similarity_fn_name
+        self.truncate_dim = folder.settings.truncate_dim
+        self._reference = ReferenceRunner(self.model, self.tokenizer.pad_id, folder.pooling.modes, self.max_tokens)
+        self.fast = fast
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -204,36 +63,9 @@ class SentenceEncoder:
 
         ``fast``: run the packed fast path of ``minisbert.fast`` (True), the reference model forward
         (False), or choose automatically (None: fast where supported, unless ``MINISBERT_FAST=0``)."""
-        folder = hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
-        layout = read_layout(folder)
-        hf_config = _read_json(layout.transformer_dir / "config.json", "model config")
-        if not isinstance(hf_config, dict):
-            raise ConfigError(f"{layout.transformer_dir / 'config.json'}: expected a JSON object")
-        kobert = layout.transformer_type == "KoBertTransformer"
-        # KoBertTransformer always builds a BertModel, whatever config.json says (or omits).
-        model_type = hf_config.get("model_type", "bert" if kobert else None)
-        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
-            raise ConfigError(f"{layout.transformer_dir / 'config.json'}: model_type={model_type!r} is not "
-                              f"supported (supported: {', '.join(ARCHITECTURES)})")
-        arch = ARCHITECTURES[model_type]
-        weights = checkpoint.find_weights(layout.transformer_dir)
-        model = checkpoint.load_model(arch, hf_config, weights, device=device, dtype=dtype)
-        # Like sentence-transformers, never let the tokenizer produce more tokens than positions exist.
-        limit = arch.max_tokens(model.config)
-        max_seq_length = min(layout.max_seq_length, limit) if layout.max_seq_length else None
-        if kobert:
-            from minisbert.kobert import KoBertTokenizer
-
-            tokenizer = KoBertTokenizer.from_folder(layout.transformer_dir, max_seq_length, layout.do_lower_case)
-        else:
-            tokenizer = TextTokenizer.from_folder(layout.transformer_dir, max_seq_length,
-                                                  layout.do_lower_case, fallback_pad_id=model.config.pad_token_id)
-        encoder = cls(model, tokenizer, layout, arch, source=str(folder))
-        for dense_dir in layout.dense:  # each takes the width the one before gives
-            encoder.dense.append(load_dense(dense_dir, encoder.embedding_dim, device=device, dtype=dtype))
-        encoder.max_seq_length = min(tokenizer.max_seq_length or limit, limit)
-        encoder.fast = fast
-        return encoder
+        guard_forked_children()  # loading already uses torch's thread pool
+        folder = read_folder(hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir))
+        return cls(folder, load(folder, device=device, dtype=dtype), fast=fast)
 
     # -- properties --------------------------------------------------------------------------------
 
@@ -247,20 +79,22 @@ class SentenceEncoder:
 
     @property
     def max_seq_length(self) -> int:
-        """Tokens per text, ``[CLS]``/``[SEP]`` included; longer texts are truncated."""
-        return self.tokenizer.max_seq_length
+        """Tokens per text, ``[CLS]``/``[SEP]`` included; longer texts are truncated. The encoder owns
+        this value: it is checked here once and handed to the tokenizer."""
+        return self._max_seq_length
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        limit = self.arch.max_tokens(self.model.config)
-        if isinstance(value, int) and value > limit:
-            raise ValueError(f"max_seq_length={value} exceeds the {limit} positions this model has")
+        value = check_length(value, "max_seq_length")
+        if value > self.max_tokens:
+            raise ValueError(f"max_seq_length={value} exceeds the {self.max_tokens} positions this model has")
+        self._max_seq_length = value
         self.tokenizer.max_seq_length = value
 
     @property
     def pooled_dim(self) -> int:
         """The width Pooling gives: hidden size times the number of pooling modes."""
-        return self.model.config.hidden_size * len(self.layout.pooling.modes)
+        return self.model.config.hidden_size * len(self.folder.pooling.modes)
 
     @property
     def embedding_dim(self) -> int:
@@ -276,55 +110,31 @@ class SentenceEncoder:
     @property
     def fast(self) -> bool:
         """Whether ``encode`` runs ``minisbert.fast``'s packed path instead of the reference forward."""
-        return self._fast_runner is not None
+        return self._packed is not None
 
     @fast.setter
     def fast(self, value: bool | None) -> None:
-        from minisbert import fast
-
         if value is None:
             value = os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
         # Built once per setting; the fused q/k/v weights are copies, so set it again after editing weights.
-        self._fast_runner = fast.fast_forward(self.model) if value else None
+        forward = fast_forward(self.model) if value else None
+        self._packed = None if forward is None else \
+            PackedRunner(forward, self.tokenizer.pad_id, self.folder.pooling.modes, self.max_tokens)
+
+    @property
+    def runner(self) -> ReferenceRunner | PackedRunner:
+        """What ``encode`` runs: the packed path when it is on, the reference forward when it is off or
+        any hook is attached (hooks see the reference modules, which the packed path does not call)."""
+        if self._packed is None or has_hooks(self.model):
+            return self._reference
+        return self._packed
 
     # -- encoding ----------------------------------------------------------------------------------
 
-    def padded_length(self, n_tokens: int) -> int:
-        """The length a text of ``n_tokens`` tokens is padded to, whatever batch it is in."""
-        return min(-(-n_tokens // PAD_MULTIPLE) * PAD_MULTIPLE, max(n_tokens, self.arch.max_tokens(self.model.config)))
-
-    def embed_batch(self, texts: list[str], normalize: bool = False) -> torch.Tensor:
-        """One batch of texts -> (B, embedding_dim) embeddings in float32, on the model's device."""
-        return self.embed_ids(self.tokenizer.encode_ids(texts), normalize)
-
     def embed_ids(self, ids: list[list[int]], normalize: bool = False) -> torch.Tensor:
-        """One batch of token ids (``tokenizer.encode_ids``) -> (B, embedding_dim) float32 embeddings.
-
-        Texts are padded in groups of equal ``padded_length``, so each embedding is the same in any batch.
-        The reference path runs group by group; the fast path runs every group's tokens through each
-        linear layer at once and attention group by group."""
-        # Hooks attach to the reference modules, which the packed fast path does not call.
-        runner = None if has_hooks(self.model) else self._fast_runner
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for b, row in enumerate(ids):
-            T = self.padded_length(len(row))
-            # The fast path keeps texts of exactly T tokens (passages cut at max_seq_length) in a group of
-            # their own: without pads, its padded layout is a view of the packed tokens (``Packing``).
-            groups.setdefault((T, runner is not None and len(row) == T), []).append(b)
-        # Padded on the host: the fast path builds its token layout there and sends it once.
-        padded = [self.tokenizer.pad([ids[b] for b in rows], "cpu", T) for (T, _), rows in groups.items()]
-        modes = self.layout.pooling.modes
-        if runner is not None:
-            pooled = runner.embed(padded, modes)  # (B, C * modes), group after group
-            order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), self.device)
-            pooled = torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``
-        else:
-            pooled = torch.empty((len(ids), self.pooled_dim), dtype=self.dtype, device=self.device)
-            for rows, (input_ids, attention_mask) in zip(groups.values(), padded):  # each (b, T)
-                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-                states = self.model(input_ids, attention_mask)  # (b, T, C)
-                pooled[rows] = pool(states, attention_mask, modes)  # (b, C * modes)
-        return self.head(pooled, normalize)
+        """One batch of token ids (``tokenizer.encode_ids``) -> (B, embedding_dim) float32 embeddings, on the
+        model's device; each the same whatever else is in the batch."""
+        return self.head(self.runner.embed(ids), normalize)
 
     def head(self, pooled: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """The modules after Pooling: (B, C * modes) pooled in the model's dtype -> (B, embedding_dim)
@@ -332,7 +142,7 @@ class SentenceEncoder:
         for dense in self.dense:
             pooled = dense(pooled)
         emb = pooled.float()
-        if self.layout.normalize or normalize:
+        if self.folder.normalize or normalize:
             emb = F.normalize(emb, p=2, dim=1)
         return emb
 
@@ -353,19 +163,16 @@ class SentenceEncoder:
         texts = [sentences] if single else check_texts(sentences)
         prompt = self.resolve_prompt(prompt, prompt_name)
         if prompt:
-            if not self.layout.pooling.include_prompt:
+            if not self.folder.pooling.include_prompt:
                 raise ConfigError(f"{self.source}: the pooling config says include_prompt=false (leave the prompt's "
                                   f"tokens out of the pooling), which minisbert does not implement; "
                                   f"encode without a prompt (prompt='')")
             texts = [prompt + t for t in texts]
         # Surrogates -> U+FFFD here too, for tokenizers that are not ours (KoBERT's SentencePiece).
         texts = [clean_text(t) for t in texts]
-        guard_forked_children()
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = positive_int(batch_size, "batch_size")
         truncate_dim = self.truncate_dim if truncate_dim is None else truncate_dim
-        if truncate_dim is not None and (type(truncate_dim) is not int or truncate_dim < 1):
-            raise ValueError(f"truncate_dim must be a positive integer or None, got {truncate_dim!r}")
+        truncate_dim = None if truncate_dim is None else positive_int(truncate_dim, "truncate_dim")
         width = min(self.embedding_dim, truncate_dim or self.embedding_dim)
         out = torch.empty((len(texts), width), dtype=torch.float32, device=self.device)
         # Longest first, like sentence-transformers: similar lengths share a batch, less padding.
@@ -374,7 +181,6 @@ class SentenceEncoder:
             show_progress_bar = len(texts) >= 32 * batch_size and sys.stderr.isatty()
         progress = None
         if show_progress_bar:
-            from tqdm.auto import tqdm
             progress = tqdm(total=len(texts), desc="Batches", unit="text")
         # Tokenized one chunk of the longest-first order at a time, so that only one chunk's token ids
         # exist at once (all 100k texts' ids cost ~200 MB of Python lists); a whole number of batches.
@@ -382,11 +188,7 @@ class SentenceEncoder:
         for start in range(0, len(order), step):
             chunk = order[start: start + step]
             ids = self.tokenizer.encode_ids([texts[i] for i in chunk])
-            if self._fast_runner is not None:
-                # Packed path: longest first by token count, batches filled to a token budget.
-                batches = token_batches(ids, batch_size, self.max_seq_length)
-            else:
-                batches = [range(s, min(s + batch_size, len(chunk))) for s in range(0, len(chunk), batch_size)]
+            batches = self.runner.batches(ids, batch_size, self.max_seq_length)
             parts = []  # written into ``out`` once per chunk: on CUDA each indexed write waits for the GPU
             for batch in batches:
                 if width == self.embedding_dim:
@@ -451,9 +253,7 @@ class SentenceEncoder:
     def trace(self, sentences: str | list[str], batch_size: int = 8, normalize_embeddings: bool = False) -> list:
         """Per-sentence ``minisbert.trace.Trace``: tokens, every layer's states, attention maps (and
         DeBERTa-v2's score terms), unpadded, in input order. See ``minisbert/trace.py``."""
-        from minisbert.trace import trace
-
-        return trace(self, sentences, batch_size=batch_size, normalize_embeddings=normalize_embeddings)
+        return trace_sentences(self, sentences, batch_size=batch_size, normalize_embeddings=normalize_embeddings)
 
 
 def as_embedding_batch(x) -> torch.Tensor:
@@ -474,12 +274,14 @@ def has_hooks(model: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def check_texts(sentences) -> list[str]:
-    """A list of ``str`` (any sequence or iterable of them); anything else raises TypeError."""
-    if isinstance(sentences, (bytes, bytearray)) or not hasattr(sentences, "__iter__"):
-        raise TypeError(f"sentences must be a str or a list of str, got {type(sentences).__name__}")
-    texts = list(sentences)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"sentences[{i}] is {type(text).__name__}, expected str")
-    return texts
+def positive_int(value, name: str) -> int:
+    """``value`` as an int (numpy integers too) >= 1; a ValueError naming ``name`` otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

@@ -17,7 +17,8 @@ linear layer. The fast path here runs the same math on the real tokens only:
   ``scaled_dot_product_attention`` call; where every distance keeps its own table row (short texts)
   they are strided views of the relative-score GEMMs' outputs, not gathers (``diagonals``);
 - the sentence embedding is pooled straight from the packed tokens (``kernels.packed_mean_pool``);
-- ``token_batches``: longest first by token count, batches filled to a token budget;
+- ``PackedRunner`` is the ``runner`` interface over it: batches by ``token_batches`` (longest first
+  by token count, filled to a token budget), texts grouped by padded length and fullness per batch;
 - ``raise_mmap_threshold``: glibc's malloc keeps tensors up to 32 MiB on its heap, so the GEMM
   outputs reuse memory instead of being page-faulted in fresh every layer.
 
@@ -37,25 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisbert import kernels
-from minisbert.models.bert import ACTIVATIONS, padding_bias
+from minisbert.models.bert import ACTIVATIONS, BertModel, padding_bias
+from minisbert.models.deberta_v2 import DebertaV2Model, RelativePositions, relative_positions
 from minisbert.pooling import pool
+from minisbert.runner import padded_length
+from minisbert.tokenizer import pad_ids
 
 log = logging.getLogger("minisbert")
-
-
-_FORK_GUARD = []
-
-
-def guard_forked_children() -> None:
-    """Make a forked child run torch single-threaded (once per process; idempotent).
-
-    GNU OpenMP's thread pool does not survive ``fork``: a child that enters a parallel region the
-    parent had used (LayerNorm, oneDNN's weight reorder, any GEMM) waits forever for threads that were
-    not copied. PyTorch's DataLoader avoids it the same way, with one thread in its workers.
-    """
-    if not _FORK_GUARD and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-        _FORK_GUARD.append(True)
 
 
 _HEAP_PRIMED = []
@@ -168,11 +157,11 @@ class Linear:
             if N % self.ROWS:
                 return self._onednn(pad_rows(x, -(-N // self.ROWS) * self.ROWS))[:N]
             return self._onednn(x)
-        if N < 12 and N not in (4, 8):
-            # MKL picks another kernel (other rounding) for a few rows: 1-3, 5-7, 9-11 rows differ from
-            # the same rows inside a larger GEMM. Zero rows up to 8 or 16 keep a text's embedding the
-            # same whatever else shares its batch.
-            return self(pad_rows(x, 8 if N < 8 else 16))[:N]
+        if N < 16:
+            # MKL picks other kernels (other rounding) for a few rows: 1-3, 5-7 and 9-11 rows differ from
+            # the same rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX.
+            # Zero rows up to 16 keep a text's embedding the same whatever else shares its batch.
+            return self(pad_rows(x, 16))[:N]
         y = F.linear(x, self.weight, self.bias)
         return ACTIVATIONS[self.act](y) if self.act else y
 
@@ -349,7 +338,7 @@ class FastEncoder:
     def on_device(self, groups: Batch) -> Batch:
         return [(to_device(ids, self.device), to_device(mask, self.device)) for ids, mask in groups]
 
-    def embed(self, groups: Batch, modes: tuple[str, ...]) -> torch.Tensor:
+    def pool(self, groups: Batch, modes: tuple[str, ...]) -> torch.Tensor:
         """Groups of (b, T) ids and mask -> (sum of b, C * len(modes)) pooled embeddings, group after
         group, in the model's dtype."""
         x, layout = self(groups)  # (N, C)
@@ -393,10 +382,21 @@ class FastDebertaV2(FastEncoder):
     def __init__(self, model: nn.Module, backend: str | None = None):
         super().__init__(model, backend)
         self._relative = {}  # T -> (RelativePositions on the model's device, whether they are a shift)
+        self._positions: tuple[tuple, list] | None = None  # (parameter versions, per-block (pos_k, pos_q))
+
+    def position_projections(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The model's per-block (pos_k, pos_q), (H, 2S, D) each: input-independent, so computed once
+        and kept until a parameter they read changes (in place, or by a device or dtype move)."""
+        model = self.model
+        modules = [model.rel_embed, model.rel_ln, *(b.attn for b in model.blocks)]
+        key = tuple((p.device, p.dtype, p.data_ptr(), p._version) for m in modules if m is not None
+                    for p in m.parameters())
+        if self._positions is None or self._positions[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # cached tensors must outlive inference mode
+                self._positions = (key, model.position_projections())
+        return self._positions[1]
 
     def forward(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
-        from minisbert.models.deberta_v2 import RelativePositions, relative_positions
-
         model, cfg = self.model, self.model.config
         layout = self.layout(groups)
         groups = self.on_device(groups)
@@ -408,14 +408,14 @@ class FastDebertaV2(FastEncoder):
             if T not in self._relative:
                 if len(self._relative) >= 16:  # (T, T) int64 tables: bound the memory as the CPU cache does
                     self._relative.clear()
-                rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
-                with torch.inference_mode(False):  # usable outside inference mode too, like the CPU cache
+                with torch.inference_mode(False):  # usable outside inference mode too
+                    rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
                     self._relative[T] = (RelativePositions(*(to_device(t, x.device) for t in rp[:3]), rp.rows),
                                          is_shift(rp))
             rel.append(self._relative[T])
         # Pad keys get the dtype's minimum, as the reference's masked_fill; pad query rows are dropped.
         pad_keys = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
-        for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, model.position_projections()):
+        for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, self.position_projections()):
             # DeBERTa divides each relative term by the same scale; dividing the (H, 2S, D) position
             # tables once instead saves a pass over every (H, b, T, T) term.
             scale = ref.attn.scale
@@ -497,18 +497,39 @@ def diagonals(scores: torch.Tensor, b: int, T: int) -> torch.Tensor:
 
 
 def fast_forward(model: nn.Module, backend: str | None = None) -> FastEncoder | None:
-    """The packed runner for ``model`` (a reference model from ``minisbert.models``), or None if unsupported."""
-    from minisbert.models.bert import BertModel
-
+    """The packed forward for ``model`` (a reference model from ``minisbert.models``), or None if unsupported."""
     if isinstance(model, BertModel):
         return FastBert(model, backend)
-    try:
-        from minisbert.models.deberta_v2 import DebertaV2Model
-    except ImportError:
-        return None
-    cfg = getattr(model, "config", None)
+    cfg = model.config
     if isinstance(model, DebertaV2Model) and not cfg.conv_kernel_size and cfg.attention_head_size * \
             cfg.num_attention_heads == cfg.hidden_size:
         # The convolution after block 0 (deberta-v2-xlarge) stays on the reference path.
         return FastDebertaV2(model, backend)
     return None
+
+
+class PackedRunner:
+    """The ``runner`` interface (see ``minisbert.runner``) over a packed forward.
+
+    A batch's texts are grouped by ``padded_length``, each group padded to its own length, so each
+    embedding is the same in any batch; every group's tokens share each linear layer's GEMM and
+    attention runs group by group. Texts of exactly their padded length (passages cut at
+    ``max_seq_length``) form groups of their own: without pads, their padded layout is a view of the
+    packed tokens (``Packing``)."""
+
+    def __init__(self, forward: FastEncoder, pad_id: int, modes: tuple[str, ...], max_tokens: int):
+        self.forward, self.pad_id, self.modes, self.max_tokens = forward, pad_id, modes, max_tokens
+
+    def batches(self, ids: list[list[int]], batch_size: int, max_seq_length: int) -> list[list[int]]:
+        return token_batches(ids, batch_size, max_seq_length)
+
+    def embed(self, ids: list[list[int]]) -> torch.Tensor:
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for b, row in enumerate(ids):
+            T = padded_length(len(row), self.max_tokens)
+            groups.setdefault((T, len(row) == T), []).append(b)
+        # Padded on the host: the packed layout is built there and sent once.
+        padded = [pad_ids([ids[b] for b in rows], self.pad_id, T) for (T, _), rows in groups.items()]
+        pooled = self.forward.pool(padded, self.modes)  # (B, C * modes), group after group
+        order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), pooled.device)
+        return torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``

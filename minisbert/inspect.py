@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minisbert import checkpoint
+from minisbert.encoder import SentenceEncoder
+from minisbert.models import ARCHITECTURES
+
 # Typed-config fields shown for every architecture, in reading order; "head_dim" and "max_tokens"
 # are derived.
 SUMMARY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
@@ -47,12 +51,9 @@ def run(args) -> int:
 
 def describe(name_or_path: str, revision: str | None = None) -> dict:
     """Everything ``inspect`` reports, as a JSON-ready dict."""
-    from minisbert import checkpoint
-    from minisbert.encoder import SentenceEncoder
-
     encoder = SentenceEncoder.from_pretrained(name_or_path, revision=revision)
-    model, cfg, layout = encoder.model, encoder.model.config, encoder.layout
-    weights = checkpoint.find_weights(layout.transformer_dir)
+    model, cfg, layout = encoder.model, encoder.model.config, encoder.folder
+    weights = layout.weights
     state = checkpoint.read_state_dict(weights)
     sources: dict[str, str] = {}  # our parameter -> checkpoint key, filled by the loader's mapping
     checkpoint.map_state_dict(state, encoder.arch, model, str(weights), sources=sources)
@@ -71,7 +72,7 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
     folder = Path(encoder.source)
     return {
         "source": str(folder),
-        "model_type": next(k for k, v in _architectures().items() if v is encoder.arch),
+        "model_type": next(k for k, v in ARCHITECTURES.items() if v is encoder.arch),
         "class": f"{type(model).__module__}.{type(model).__name__}",
         "config": summary,
         "relative_attention": relative or None,
@@ -95,12 +96,6 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
         "files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size}
                   for p in sorted(folder.rglob("*")) if p.is_file() and ".git" not in p.relative_to(folder).parts],
     }
-
-
-def _architectures() -> dict:
-    from minisbert.models import ARCHITECTURES
-
-    return ARCHITECTURES
 
 
 def _dtype(t: torch.Tensor) -> str:

@@ -1,11 +1,12 @@
-"""Fused masked-mean pooling: sentence-transformers' mean without materialising the (B, T, C) mask.
+"""Masked-mean pooling, sentence-transformers' mean, without materialising the (B, T, C) mask.
 
-The reference (``pooling.mean_pool``) multiplies the states by an expanded mask, sums and divides.
-Here the mask-multiply-sum is one batched GEMV, ``mask (B, 1, T) @ x (B, T, C)``, accumulated in
-float32 for half-precision inputs, and the count is clamped at 1e-9 exactly as sentence-transformers
-does (an all-pad row gives zeros, not NaN). ``packed_mean_pool`` does the same on unpadded tokens
-(N, C) with one segment sum. On CUDA both are torch.compile'd into single kernels; on the CPU the
-eager forms are already fused enough (one GEMM-like pass over x).
+sentence-transformers multiplies the states by an expanded mask, sums and divides. Here the
+mask-multiply-sum is one batched GEMV, ``mask (B, 1, T) @ x (B, T, C)``, accumulated in float32 for
+half-precision inputs, and the count is clamped at 1e-9 exactly as sentence-transformers does (an
+all-pad row gives zeros, not NaN). ``masked_mean`` pools padded states (the reference path's
+``pooling.pool``); ``packed_mean_pool`` does the same on unpadded tokens (N, C) with one segment sum
+(the fast path). On CUDA both are torch.compile'd into single kernels; on the CPU the eager forms are
+already fused enough (one GEMM-like pass over x).
 
 Shape legend: B batch, T tokens, N real tokens in the batch, C hidden.
 """

@@ -20,18 +20,19 @@ and ``KoBertTransformer.tokenize`` (strip, optional ``str.lower()``, truncation 
 
 from __future__ import annotations
 
+import io
 import re
-import sys
 import unicodedata
 from pathlib import Path
 
 import torch
 
-from minisbert.errors import ConfigError, MissingDependencyError, ModelNotFoundError
-from minisbert.tokenizer import TextTokenizer, _read_json, _token_str
+from minisbert.errors import ConfigError, MissingDependencyError
+from minisbert.files import TOKENIZER_LIMIT, read_bytes, read_text
+from minisbert.folder import TokenizerFiles
+from minisbert.tokenizer import TextTokenizer, token_str
 
 SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-start marker
-MODEL_FILE = "tokenizer_78b3253a26.model"  # the name KoBertTokenizer.from_pretrained looks for
 SPECIAL_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                     "mask_token": "[MASK]"}
 
@@ -46,7 +47,7 @@ def _sentencepiece(model_file: Path):
             f"`pip install \"minisbert[kobert]\"` (or `pip install sentencepiece`)") from None
     sp = spm.SentencePieceProcessor()
     try:
-        sp.Load(str(model_file))
+        sp.LoadFromSerializedProto(read_bytes(model_file, "SentencePiece model", TOKENIZER_LIMIT))
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"{model_file}: unreadable SentencePiece model ({e})") from None
     return sp
@@ -55,9 +56,8 @@ def _sentencepiece(model_file: Path):
 def read_vocab(path: Path) -> dict[str, int]:
     """``vocab.txt`` as KoBertTokenizer reads it: lines stripped, a repeated token keeps its last id."""
     vocab: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            vocab[line.strip()] = index
+    for index, line in enumerate(io.StringIO(read_text(path, "vocabulary", TOKENIZER_LIMIT), newline=None)):
+        vocab[line.strip()] = index
     return vocab
 
 
@@ -97,7 +97,7 @@ class KoBertTokenizer:
     """Tokenizes batches of text into (input_ids, attention_mask) tensors of shape (B, T), like
     ``TextTokenizer`` but with KoBERT's SentencePiece model and ``vocab.txt``."""
 
-    def __init__(self, sp, vocab: dict[str, int], max_seq_length: int, do_lower_case: bool = False, *,
+    def __init__(self, sp, vocab: dict[str, int], do_lower_case: bool = False, *,
                  specials: dict[str, str] | None = None, remove_space: bool = True, keep_accents: bool = False,
                  lowercase: bool = False):
         self.sp = sp
@@ -114,46 +114,23 @@ class KoBertTokenizer:
         names = sorted(set(specials.values()), key=len, reverse=True)
         self._special_split = re.compile("(" + "|".join(re.escape(s) for s in names) + ")")
         self._specials = set(names)
-        self.max_seq_length = max_seq_length
+        self.max_seq_length: int | None = None  # no truncation until the encoder sets it
 
     @classmethod
-    def from_folder(cls, folder: Path, max_seq_length: int | None, do_lower_case: bool) -> "KoBertTokenizer":
-        """Read ``tokenizer_78b3253a26.model`` (or the folder's only ``*.model``), ``vocab.txt``,
-        ``tokenizer_config.json`` and ``special_tokens_map.json`` from a KoBertTransformer folder."""
-        folder = Path(folder)
-        model_file = folder / MODEL_FILE
-        if not model_file.is_file():
-            found = sorted(folder.glob("*.model"))
-            if len(found) != 1:
-                raise ModelNotFoundError(f"{folder}: expected the SentencePiece model {MODEL_FILE} "
-                                         f"(found {[p.name for p in found] or 'no *.model file'})")
-            model_file = found[0]
-        if not (folder / "vocab.txt").is_file():
-            raise ModelNotFoundError(f"{folder}: missing vocab.txt (KoBERT maps pieces to ids through it)")
-        config = _read_json(folder / "tokenizer_config.json")
-        if _read_json(folder / "added_tokens.json"):
-            raise ConfigError(f"{folder / 'added_tokens.json'}: added tokens are not supported for KoBERT")
+    def from_files(cls, files: TokenizerFiles, do_lower_case: bool) -> "KoBertTokenizer":
+        """From a KoBertTransformer folder's files (``folder.read_tokenizer_files(..., kobert=True)``):
+        the SentencePiece model, ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``."""
+        config = files.config
+        if files.added_tokens:
+            raise ConfigError(f"{files.folder / 'added_tokens.json'}: added tokens are not supported for KoBERT")
         # transformers reads the config first, then lets special_tokens_map.json override it.
-        specials = {k: _token_str(config.get(k), d) for k, d in SPECIAL_DEFAULTS.items()}
-        specials.update({k: _token_str(v, specials[k]) for k, v in
-                         _read_json(folder / "special_tokens_map.json").items() if k in SPECIAL_DEFAULTS})
-        if max_seq_length is None:
-            # No limit of its own, as in transformers; the encoder caps it at the position table's size.
-            max_seq_length = int(config.get("model_max_length") or sys.maxsize)
-        return cls(_sentencepiece(model_file), read_vocab(folder / "vocab.txt"), max_seq_length, do_lower_case,
+        specials = {k: token_str(config.get(k), d) for k, d in SPECIAL_DEFAULTS.items()}
+        specials.update({k: token_str(v, specials[k]) for k, v in files.special_tokens_map.items()
+                         if k in SPECIAL_DEFAULTS})
+        return cls(_sentencepiece(files.sentencepiece), read_vocab(files.vocab_txt), do_lower_case,
                    specials=specials, remove_space=bool(config.get("remove_space", True)),
                    keep_accents=bool(config.get("keep_accents", False)),
                    lowercase=bool(config.get("do_lower_case", False)))
-
-    @property
-    def max_seq_length(self) -> int:
-        return self._max_seq_length
-
-    @max_seq_length.setter
-    def max_seq_length(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ValueError(f"max_seq_length must be an integer >= 2, got {value!r}")
-        self._max_seq_length = value
 
     def _pieces(self, chunk: str) -> list[str]:
         text = preprocess_text(chunk, self.remove_space, self.keep_accents, self.lowercase)
@@ -174,7 +151,7 @@ class KoBertTokenizer:
         texts = [t.strip() for t in texts]
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        keep = self.max_seq_length - 2  # room for [CLS] and [SEP]
+        keep = self.max_seq_length - 2 if self.max_seq_length else None  # room for [CLS] and [SEP]
         return [[self.cls_id] + [self.vocab.get(p, self.unk_id) for p in self.tokenize(t)][:keep] + [self.sep_id]
                 for t in texts]
 

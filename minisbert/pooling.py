@@ -1,19 +1,20 @@
 """Pooling token states (B, T, C) into sentence embeddings, as sentence-transformers' ``Pooling`` does.
 
-All six modes sentence-transformers defines are here, in the reference form (mask multiply, sum,
-divide). Sums accumulate in float32 when the states are half precision, as sentence-transformers
-does. The denominator is clamped at 1e-9, sentence-transformers' guard against an all-pad row.
+All six modes sentence-transformers defines are here. Mean pooling, the one every target checkpoint
+uses, is ``kernels.masked_mean`` (the fused masked mean, the same function the fast path's packed
+pooling is tested against); the others are in the reference form (mask multiply, sum, divide). Sums
+accumulate in float32 when the states are half precision, as sentence-transformers does. Denominators
+are clamped at 1e-9, sentence-transformers' guard against an all-pad row.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from minisbert.errors import ConfigError
+from minisbert.kernels import mean_pool
 
 # The legacy boolean keys, in the order sentence-transformers concatenates the modes.
 LEGACY_KEYS = {
@@ -35,32 +36,22 @@ class PoolingConfig:
     include_prompt: bool = True
 
     @classmethod
-    def from_file(cls, path: Path) -> "PoolingConfig":
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable pooling config ({e})") from None
+    def from_dict(cls, raw: dict, source: str) -> "PoolingConfig":
+        """The pooling module's ``config.json``, checked; ``source`` names the file in errors."""
         if "pooling_mode" in raw:
             modes = raw["pooling_mode"]
-            modes = (modes,) if isinstance(modes, str) else tuple(modes)
+            modes = (modes,) if isinstance(modes, str) else tuple(modes) if isinstance(modes, list) else None
+            if modes is None:
+                raise ConfigError(f"{source}: pooling_mode={raw['pooling_mode']!r} must be a mode name or a list")
         else:
             modes = tuple(mode for key, mode in LEGACY_KEYS.items() if raw.get(key, False)) or ("mean",)
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
-            raise ConfigError(f"{path}: pooling mode {bad or modes!r} is not one of {MODES}")
+            raise ConfigError(f"{source}: pooling mode {bad or modes!r} is not one of {MODES}")
         include_prompt = raw.get("include_prompt", True)
         if not isinstance(include_prompt, bool):
-            raise ConfigError(f"{path}: include_prompt={include_prompt!r} must be true or false")
+            raise ConfigError(f"{source}: include_prompt={include_prompt!r} must be true or false")
         return cls(modes, include_prompt)
-
-
-def mean_pool(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C), (B, T) -> (B, C): the average of the real tokens' states."""
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    mask = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    total = (x * mask).sum(dim=1, dtype=acc)  # (B, C)
-    count = mask.sum(dim=1, dtype=acc).clamp(min=1e-9)  # (B, 1)
-    return (total / count).to(x.dtype)
 
 
 def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:

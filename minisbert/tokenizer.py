@@ -13,7 +13,7 @@ the tokens truncation keeps, so a 2M-character text costs what a 4k-character on
 
 from __future__ import annotations
 
-import json
+import io
 import re
 from pathlib import Path
 
@@ -21,7 +21,9 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from minisbert.errors import ConfigError, ModelNotFoundError
+from minisbert.errors import ConfigError
+from minisbert.files import TOKENIZER_LIMIT, read_text
+from minisbert.folder import TokenizerFiles
 
 # Surrogates are code points but not Unicode scalar values: Python strings can hold them (from
 # "\\ud800" escapes, or bytes decoded with errors="surrogateescape"), UTF-8 and the Rust tokenizer cannot.
@@ -36,19 +38,18 @@ def clean_text(text: str) -> str:
     return _SURROGATES.sub("\ufffd", text)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+def check_texts(sentences) -> list[str]:
+    """A list of ``str`` (any sequence or iterable of them); anything else raises TypeError."""
+    if isinstance(sentences, (bytes, bytearray)) or not hasattr(sentences, "__iter__"):
+        raise TypeError(f"sentences must be a str or a list of str, got {type(sentences).__name__}")
+    texts = list(sentences)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"sentences[{i}] is {type(text).__name__}, expected str")
+    return texts
 
 
-def _token_str(value, default: str) -> str:
+def token_str(value, default: str) -> str:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(value, dict):
         value = value.get("content", default)
@@ -58,15 +59,13 @@ def _token_str(value, default: str) -> str:
 def wordpiece_from_vocab(vocab_path: Path, tok_config: dict) -> Tokenizer:
     """BERT WordPiece from ``vocab.txt``, configured like transformers' BertTokenizerFast."""
     vocab: dict[str, int] = {}
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            for index, line in enumerate(f):
-                vocab.setdefault(line.rstrip("\n"), index)
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{vocab_path}: not UTF-8 text ({e})") from None
-    unk = _token_str(tok_config.get("unk_token"), "[UNK]")
-    cls = _token_str(tok_config.get("cls_token"), "[CLS]")
-    sep = _token_str(tok_config.get("sep_token"), "[SEP]")
+    # Lines as a text-mode file gives them (universal newlines), read within the tokenizer-file limit.
+    lines = io.StringIO(read_text(vocab_path, "vocabulary", TOKENIZER_LIMIT), newline=None)
+    for index, line in enumerate(lines):
+        vocab.setdefault(line.rstrip("\n"), index)
+    unk = token_str(tok_config.get("unk_token"), "[UNK]")
+    cls = token_str(tok_config.get("cls_token"), "[CLS]")
+    sep = token_str(tok_config.get("sep_token"), "[SEP]")
     for token in (unk, cls, sep):
         if token not in vocab:
             raise ConfigError(f"{vocab_path}: special token {token!r} is not in the vocabulary")
@@ -85,7 +84,7 @@ def wordpiece_from_vocab(vocab_path: Path, tok_config: dict) -> Tokenizer:
     )
     tok.decoder = decoders.WordPiece(prefix="##")
     # Special tokens written in the text stay whole, as transformers registers them.
-    specials = [_token_str(tok_config.get(k), d) for k, d in
+    specials = [token_str(tok_config.get(k), d) for k, d in
                 (("pad_token", "[PAD]"), ("unk_token", "[UNK]"), ("cls_token", "[CLS]"),
                  ("sep_token", "[SEP]"), ("mask_token", "[MASK]"))]
     tok.add_special_tokens([s for s in specials if s in vocab])
@@ -119,7 +118,7 @@ def _has_lowercase(norm) -> bool:
 class TextTokenizer:
     """Tokenizes batches of text into (input_ids, attention_mask) tensors of shape (B, T)."""
 
-    def __init__(self, tokenizer: Tokenizer, pad_id: int, max_seq_length: int, do_lower_case: bool = False):
+    def __init__(self, tokenizer: Tokenizer, pad_id: int, do_lower_case: bool = False):
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.do_lower_case = do_lower_case
@@ -131,46 +130,37 @@ class TextTokenizer:
             rest = list(norm) if isinstance(norm, normalizers.Sequence) else [] if norm is None else [norm]
             tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
         tokenizer.no_padding()
-        self._max_seq_length = None  # no truncation until set (the encoder always sets it)
-        if max_seq_length is not None:
-            self.max_seq_length = max_seq_length
+        self._max_seq_length = None  # no truncation until the encoder sets it
         self.cut_is_safe = words_tokenized_alone(tokenizer)
 
     @classmethod
-    def from_folder(cls, folder: Path, max_seq_length: int | None, do_lower_case: bool,
-                    fallback_pad_id: int) -> "TextTokenizer":
-        tok_config = _read_json(folder / "tokenizer_config.json")
-        if (folder / "tokenizer.json").is_file():
+    def from_files(cls, files: TokenizerFiles, do_lower_case: bool, fallback_pad_id: int) -> "TextTokenizer":
+        """The tokenizer of a transformer folder (``folder.read_tokenizer_files``): ``tokenizer.json`` when
+        present, else WordPiece from ``vocab.txt``."""
+        tok_config = files.config
+        if files.tokenizer_json is not None:
+            text = read_text(files.tokenizer_json, "tokenizer", TOKENIZER_LIMIT)
             try:
-                tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+                tok = Tokenizer.from_str(text)
             except Exception as e:  # the Rust side raises plain Exception
-                raise ConfigError(f"{folder / 'tokenizer.json'}: unreadable tokenizer ({e})") from None
-        elif (folder / "vocab.txt").is_file():
-            tok = wordpiece_from_vocab(folder / "vocab.txt", tok_config)
+                raise ConfigError(f"{files.tokenizer_json}: unreadable tokenizer ({e})") from None
         else:
-            raise ModelNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.txt with "
-                                     f"tokenizer_config.json)")
-        pad_token = _token_str(tok_config.get("pad_token"), "")
+            tok = wordpiece_from_vocab(files.vocab_txt, tok_config)
+        pad_token = token_str(tok_config.get("pad_token"), "")
         pad_id = tok.token_to_id(pad_token) if pad_token else None
         if pad_id is None and tok.padding is not None:
             pad_id = tok.padding.get("pad_id")
         if pad_id is None:
             pad_id = fallback_pad_id
-        if max_seq_length is None:
-            # transformers writes 1e30 for "no limit"; that, or anything not a length, is left to the
-            # encoder, which caps the length at the position table's size.
-            value = tok_config.get("model_max_length")
-            max_seq_length = value if type(value) is int and 2 <= value < 2**31 else None
-        return cls(tok, pad_id, max_seq_length, do_lower_case)
+        return cls(tok, pad_id, do_lower_case)
 
     @property
     def max_seq_length(self) -> int | None:
+        """Where texts are cut; set (and checked) by the encoder, which owns the value."""
         return self._max_seq_length
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value < 2**31:
-            raise ValueError(f"max_seq_length must be an integer in [2, 2**31), got {value!r}")
         self._max_seq_length = value
         self.tokenizer.enable_truncation(max_length=value, strategy="longest_first")
 
@@ -212,13 +202,20 @@ class TextTokenizer:
             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to ``length`` tokens (default: the longest row): (B, T) input_ids and (B, T)
         attention_mask (int64)."""
-        T = max(len(row) for row in ids) if length is None else length
-        input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, row in enumerate(ids):
-            input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, : len(row)] = 1
+        input_ids, attention_mask = pad_ids(ids, self.pad_id, length)
         return input_ids.to(device), attention_mask.to(device)
 
     def __call__(self, texts: list[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         return self.pad(self.encode_ids(texts), device)
+
+
+def pad_ids(ids: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token ids to ``length`` (default: the longest row): (B, T) input_ids and (B, T)
+    attention_mask, int64, on the host."""
+    T = max(len(row) for row in ids) if length is None else length
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for b, row in enumerate(ids):
+        input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, : len(row)] = 1
+    return input_ids, attention_mask

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from minisbert.pooling import pool
+from minisbert.tokenizer import check_texts
 
 TERMS = ("c2c", "c2p", "p2c")  # DeBERTa-v2's disentangled attention: content/position pairs
 
@@ -80,8 +81,6 @@ def trace(encoder, sentences: str | list[str], batch_size: int = 8,
     """Run ``encoder`` (a ``SentenceEncoder``) on ``sentences`` and return one ``Trace`` per sentence,
     in input order. Sentences are batched longest first; ``batch_size`` bounds the memory of the
     recorded maps (L x B x H x T x T floats per batch)."""
-    from minisbert.encoder import check_texts
-
     texts = [sentences] if isinstance(sentences, str) else check_texts(sentences)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -94,7 +93,7 @@ def trace(encoder, sentences: str | list[str], batch_size: int = 8,
         input_ids, attention_mask = encoder.tokenizer.pad([ids[i] for i in index], encoder.device)  # (B, T)
         record: dict = {}
         states = encoder.model(input_ids, attention_mask, record=record)  # (B, T, C)
-        emb = encoder.head(pool(states, attention_mask, encoder.layout.pooling.modes), normalize_embeddings)  # (B, D)
+        emb = encoder.head(pool(states, attention_mask, encoder.folder.pooling.modes), normalize_embeddings)  # (B, D)
         hidden = torch.stack(record["hidden_states"], dim=1)  # (B, L + 1, T, C)
         attentions = torch.stack(record["attentions"], dim=1)  # (B, L, H, T, T)
         terms = {name: torch.stack(record[name], dim=1) for name in TERMS if name in record}  # (B, L, H, T, T)

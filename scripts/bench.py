@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
     ours = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, fast=True)
     ours.max_seq_length = min(args.max_seq_length, ours.max_seq_length)
     lengths = [len(ids) for ids in ours.tokenizer.encode_ids(texts)]
-    systems = {f"minisbert[{ours._fast_runner.backend}]": ours}
+    systems = {f"minisbert[{ours._packed.forward.backend}]": ours}
     if not args.no_reference:
         ref = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, fast=False)
         ref.max_seq_length = ours.max_seq_length

@@ -13,7 +13,7 @@ from conftest import corpus, make_checkpoint
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
 from minisbert.models.roberta import roberta_position_ids
-from minisbert.pooling import mean_pool, pool
+from minisbert.pooling import pool
 
 # -- pure helpers --------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ def test_pooling_modes_by_hand():
     x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
                       [[2.0, 0.0], [4.0, 8.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    assert torch.allclose(mean_pool(x, mask), torch.tensor([[3.0, 4.0], [3.0, 4.0]]))
+    assert torch.allclose(pool(x, mask, ("mean",)), torch.tensor([[3.0, 4.0], [3.0, 4.0]]))
     assert torch.equal(pool(x, mask, ("cls",)), torch.tensor([[1.0, 2.0], [2.0, 0.0]]))
     assert torch.equal(pool(x, mask, ("max",)), torch.tensor([[5.0, 6.0], [4.0, 8.0]]))
     assert torch.equal(pool(x, mask, ("lasttoken",)), torch.tensor([[5.0, 6.0], [4.0, 8.0]]))
@@ -49,7 +49,7 @@ def test_pooling_modes_by_hand():
 
 def test_mean_pool_all_pad_row_is_zero_not_nan():
     x = torch.ones(1, 2, 3)
-    assert torch.equal(mean_pool(x, torch.zeros(1, 2, dtype=torch.long)), torch.zeros(1, 3))
+    assert torch.equal(pool(x, torch.zeros(1, 2, dtype=torch.long), ("mean",)), torch.zeros(1, 3))
 
 
 # -- API contract ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch
 from conftest import REPO, corpus, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder, fast, kernels
-from minisbert.pooling import mean_pool
 
 TOL = 1e-5
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -27,6 +26,14 @@ def max_diff(a, b) -> float:
 
 # ---------------------------------------------------------------------------------------------------
 # Pooling kernels
+
+
+def st_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' mean pooling as its Pooling module writes it (the specification): expand
+    the mask, multiply, sum (in float32 for half inputs), divide by the count clamped at 1e-9."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    expanded = mask.unsqueeze(-1).expand(x.size()).to(acc)
+    return ((x.to(acc) * expanded).sum(1) / expanded.sum(1).clamp(min=1e-9)).to(x.dtype)
 
 
 def test_masked_mean_hand_sized():
@@ -44,7 +51,7 @@ def test_masked_mean_equals_reference_random(dtype):
     x = torch.randn(7, 13, 32, generator=g).to(dtype)
     lengths = torch.tensor([13, 1, 5, 0, 12, 7, 0])  # two all-pad rows
     mask = (torch.arange(13)[None, :] < lengths[:, None]).long()
-    ref = mean_pool(x, mask)
+    ref = st_mean(x, mask)
     for ours in (kernels.masked_mean(x, mask), kernels.packed_mean_pool(x[mask.bool()], lengths)):
         assert ours.dtype == dtype
         tol = TOL if dtype == torch.float32 else 1e-2  # one rounding of the fp32 mean to half precision
@@ -71,10 +78,10 @@ def test_compiled_pooling_on_cpu():
         ours = kernels.compiled(kernels.masked_mean)(x, mask)
     except Exception as e:  # noqa: BLE001 - no working C++ toolchain for inductor
         pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e)[:200]}")
-    diff = (ours - mean_pool(x, mask)).abs()
+    diff = (ours - st_mean(x, mask)).abs()
     assert diff.max() <= TOL, f"compiled pooling: max {diff.max():.3e} mean {diff.mean():.3e}"
     packed = kernels.compiled(kernels.packed_mean_pool)(x[mask.bool()], mask.sum(1))
-    diff = (packed - mean_pool(x, mask)).abs()
+    diff = (packed - st_mean(x, mask)).abs()
     assert diff.max() <= TOL, f"compiled packed pooling: max {diff.max():.3e} mean {diff.mean():.3e}"
     # Through the public entry points, over shapes that dynamic shapes alone would specialise (sizes 1):
     # one graph per function serves them all, far from dynamo's recompile limit, so nothing falls back.
@@ -86,7 +93,7 @@ def test_compiled_pooling_on_cpu():
         x = torch.randn(B, T, 16, generator=g)
         lengths = torch.randint(0, T + 1, (B,), generator=g)
         mask = (torch.arange(T)[None] < lengths[:, None]).long()
-        ref = mean_pool(x, mask)
+        ref = st_mean(x, mask)
         assert (kernels.mean_pool(x, mask, compile=True) - ref).abs().max() <= TOL, (B, T)
         assert (kernels.packed_mean(x[mask.bool()], lengths, compile=True) - ref).abs().max() <= TOL, (B, T)
     assert not kernels._COMPILE_FAILED
@@ -147,7 +154,7 @@ def test_packing_filler_rows_hand_sized():
 def test_runner_returns_real_rows_only(arch, tiny_models):
     encoder = load(tiny_models, arch)
     runner_or_skip(encoder, arch)
-    runner = encoder._fast_runner
+    runner = encoder._packed.forward
     runner.rows_multiple = 32  # force filler rows whatever the linear backend
     groups = [encoder.tokenizer.pad(encoder.tokenizer.encode_ids(corpus(5)), "cpu")]
     x, layout = runner(groups)
@@ -162,7 +169,7 @@ def test_deberta_attention_chunks_equal_whole_groups(tiny_models):
     """Attention in chunks of texts (the CPU's cache-sized chunks) is the same function as whole groups."""
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
-    runner = encoder._fast_runner
+    runner = encoder._packed.forward
     texts = corpus(40)
     runner.CHUNK_BYTES = 1 << 40  # one chunk per group
     whole = encoder.encode(texts)
@@ -220,10 +227,10 @@ def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
     runner_or_skip(encoder, "deberta-v2")
     texts = corpus(40)
     monkeypatch.setattr(fast, "is_shift", lambda rp: False)
-    encoder._fast_runner._relative.clear()
+    encoder._packed.forward._relative.clear()
     gathered = encoder.encode(texts)
     monkeypatch.undo()
-    encoder._fast_runner._relative.clear()
+    encoder._packed.forward._relative.clear()
     calls = []
     diagonals = fast.diagonals
 
@@ -296,7 +303,7 @@ def test_fast_equals_reference(arch, backend, tiny_models, monkeypatch):
     monkeypatch.setenv("MINISBERT_LINEAR", backend)
     ours = load(tiny_models, arch, fast=True)
     runner_or_skip(ours, arch)
-    assert ours._fast_runner.backend == backend
+    assert ours._packed.forward.backend == backend
     reference = load(tiny_models, arch, fast=False)
     assert not reference.fast
     texts = corpus(70) + ["", "한국어 " * 300, "a"]
@@ -331,7 +338,7 @@ def test_fast_selection_auto_env_and_override(tiny_models, monkeypatch):
     encoder = load(tiny_models, "bert")
     assert encoder.fast  # automatic: on where supported
     encoder.fast = False
-    assert not encoder.fast and encoder._fast_runner is None
+    assert not encoder.fast and encoder._packed is None
     monkeypatch.setenv("MINISBERT_FAST", "0")
     assert not load(tiny_models, "bert").fast
     assert load(tiny_models, "bert", fast=True).fast  # an explicit argument beats the environment
@@ -490,7 +497,7 @@ def test_gpu_compiled_pooling_equals_reference(dtype):
         lengths = torch.randint(0, T + 1, (B,), device="cuda", generator=g)
         lengths[0] = T
         mask = (torch.arange(T, device="cuda")[None] < lengths[:, None]).long()
-        ref = mean_pool(x, mask).float()
+        ref = st_mean(x, mask).float()
         assert (kernels.mean_pool(x, mask).float() - ref).abs().max() <= tol
         assert (kernels.packed_mean(x[mask.bool()], lengths).float() - ref).abs().max() <= tol
     assert not kernels._COMPILE_FAILED, "torch.compile failed on CUDA (eager fallback was used)"

@@ -58,7 +58,6 @@ class FakeHub:
 
 @pytest.mark.parametrize("formats", ["both", "bin-only"])
 def test_fetch_takes_configs_and_one_weights_format(tmp_path, monkeypatch, formats):
-    import huggingface_hub
     from safetensors.torch import load_file
 
     remote = make_checkpoint(tmp_path / "remote", "roberta")
@@ -69,7 +68,7 @@ def test_fetch_takes_configs_and_one_weights_format(tmp_path, monkeypatch, forma
     if formats == "bin-only":
         (remote / "model.safetensors").unlink()
     fake = FakeHub(remote, tmp_path / "local")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(hub, "snapshot_download", fake)
     enc = SentenceEncoder.from_pretrained("org/remote", revision="v1")
     assert {"modules.json", "config.json", "tokenizer.json", "1_Pooling/config.json"} <= fake.fetched
     assert "onnx/model.onnx" not in fake.fetched
@@ -80,7 +79,6 @@ def test_fetch_takes_configs_and_one_weights_format(tmp_path, monkeypatch, forma
 
 
 def test_download_converts_bin_only_repos(tmp_path, monkeypatch):
-    import huggingface_hub
     from safetensors.torch import load_file
 
     remote = make_checkpoint(tmp_path / "remote", "bert")
@@ -91,7 +89,7 @@ def test_download_converts_bin_only_repos(tmp_path, monkeypatch):
     def fake(repo_id, local_dir=None, **kw):
         return FakeHub(remote, Path(local_dir))(repo_id, local_dir=local_dir, **kw)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(hub, "snapshot_download", fake)
     folder = hub.download("org/remote")
     assert folder == tmp_path / "weights" / "org__remote"
     assert (folder / "model.safetensors").is_file()
@@ -102,14 +100,13 @@ def test_download_converts_bin_only_repos(tmp_path, monkeypatch):
 @pytest.mark.parametrize("formats", ["safetensors", "bin"])
 def test_fetch_and_download_take_dense_weights(tmp_path, monkeypatch, formats):
     """A Dense module's weights live in its own folder: fetched (one format) and converted like the model's."""
-    import huggingface_hub
     from conftest import add_dense
 
     remote = add_dense(make_checkpoint(tmp_path / "remote", "bert"), [{"in_features": 64, "out_features": 16}],
                        safe=formats == "safetensors")
     expected = SentenceEncoder.from_pretrained(remote).encode(corpus(5))
     fake = FakeHub(remote, tmp_path / "local")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(hub, "snapshot_download", fake)
     enc = SentenceEncoder.from_pretrained("org/remote")
     dense_file = "2_Dense/model.safetensors" if formats == "safetensors" else "2_Dense/pytorch_model.bin"
     assert {"2_Dense/config.json", dense_file, "model.safetensors"} <= fake.fetched
@@ -117,7 +114,7 @@ def test_fetch_and_download_take_dense_weights(tmp_path, monkeypatch, formats):
     np.testing.assert_array_equal(enc.encode(corpus(5)), expected)
 
     monkeypatch.setenv("MINISBERT_WEIGHTS", str(tmp_path / "weights"))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+    monkeypatch.setattr(hub, "snapshot_download",
                         lambda repo_id, local_dir=None, **kw: FakeHub(remote, Path(local_dir))(
                             repo_id, local_dir=local_dir, **kw))
     folder = hub.download("org/remote")

@@ -21,6 +21,7 @@ from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korsts_sentences, single_
 
 from minisbert import SentenceEncoder
 from minisbert.errors import MissingDependencyError, ModelNotFoundError
+from minisbert.folder import read_tokenizer_files
 from minisbert.kobert import KoBertTokenizer, preprocess_text, split_digit_comma
 
 spm = pytest.importorskip("sentencepiece")
@@ -43,6 +44,13 @@ EDGE_TEXTS = [
     "",
     " ",
 ]
+
+
+def kobert_tokenizer(folder):
+    """Our KoBERT tokenizer for a folder's files, truncating as the encoder would set it."""
+    tok = KoBertTokenizer.from_files(read_tokenizer_files(folder, kobert=True), do_lower_case=False)
+    tok.max_seq_length = MAX_SEQ_LENGTH
+    return tok
 
 
 def korean_lines() -> list[str]:
@@ -195,7 +203,7 @@ def test_tokenizer_options_match_reference(kobert, texts, tmp_path, options):
         (folder / name).write_bytes((kobert / "0_KoBertTransformer" / name).read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps(options), encoding="utf-8")
     reference = reference_tokenizer_class().from_pretrained(str(folder))
-    ours = KoBertTokenizer.from_folder(folder, MAX_SEQ_LENGTH, do_lower_case=False)
+    ours = kobert_tokenizer(folder)
     for text in texts[:120]:
         assert ours.tokenize(text) == reference.tokenize(text), repr(text)
         want = reference(text, truncation="longest_first", max_length=MAX_SEQ_LENGTH)["input_ids"]
@@ -253,4 +261,4 @@ def test_missing_sentencepiece_model_is_named(kobert, tmp_path):
     folder.mkdir()
     (folder / "vocab.txt").write_bytes((kobert / "0_KoBertTransformer" / "vocab.txt").read_bytes())
     with pytest.raises(ModelNotFoundError, match="tokenizer_78b3253a26.model"):
-        KoBertTokenizer.from_folder(folder, MAX_SEQ_LENGTH, do_lower_case=False)
+        kobert_tokenizer(folder)

@@ -114,7 +114,7 @@ def test_plain_hugging_face_folder_gets_mean_pooling(tmp_path):
     (path / "modules.json").unlink()
     (path / "sentence_bert_config.json").unlink()
     ours = SentenceEncoder.from_pretrained(path)
-    assert ours.layout.pooling.modes == ("mean",) and not ours.layout.normalize
+    assert ours.folder.pooling.modes == ("mean",) and not ours.folder.normalize
     texts = corpus(40)
     assert_close(ours.encode(texts), st_model(path).encode(texts), "bare Hugging Face folder")
 

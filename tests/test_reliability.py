@@ -21,9 +21,12 @@ import torch
 from conftest import REPO, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
+from minisbert import encoder as encoder_module
+from minisbert import fast as fast_module
+from minisbert import runner as runner_module
 from minisbert.errors import MinisbertError
 from minisbert.models import ARCHITECTURES
-from minisbert.tokenizer import clean_text, words_tokenized_alone
+from minisbert.tokenizer import clean_text, pad_ids, words_tokenized_alone
 
 # DeBERTa-v2 joins every architecture-parametrized test once it is registered.
 ARCHS = ["bert", "roberta", pytest.param("deberta-v2", marks=pytest.mark.skipif(
@@ -304,11 +307,14 @@ BAD_CHECKPOINTS = [
                                                       json.dumps({"weight_map": {"x": "../../etc/passwd"}}))),
      CheckpointError, r"model\.safetensors\.index\.json: shard '\.\./\.\./etc/passwd' is missing"),
     # config.json
-    ("missing config.json", _remove("config.json"), ModelNotFoundError, r"config\.json: missing model config"),
-    ("config.json not JSON", _write("config.json", "{"), ConfigError, r"config\.json: unreadable model config"),
+    ("missing config.json", _remove("config.json"), ModelNotFoundError,
+     r"config\.json: no config\.json: not a sentence-transformers or Hugging Face model folder"),
+    ("config.json not JSON", _write("config.json", "{"), ConfigError,
+     r"config\.json: the model config is not valid JSON"),
     ("config.json not UTF-8", _write("config.json", b"\xff\xfe\x00x"), ConfigError,
-     r"config\.json: unreadable model config"),
-    ("config.json a list", _write("config.json", "[1]"), ConfigError, r"config\.json: expected a JSON object"),
+     r"config\.json:1: the model config is not UTF-8 text"),
+    ("config.json a list", _write("config.json", "[1]"), ConfigError,
+     r"config\.json: the model config must be a JSON object, not list"),
     ("vocab_size 0", _edit_json("config.json", vocab_size=0), ConfigError, r"vocab_size=0"),
     ("negative hidden_size", _edit_json("config.json", hidden_size=-64), ConfigError, r"hidden_size=-64"),
     ("heads not dividing hidden", _edit_json("config.json", num_attention_heads=3), ConfigError,
@@ -331,8 +337,10 @@ BAD_CHECKPOINTS = [
     ("10**9 layers", _edit_json("config.json", num_hidden_layers=10**9), CheckpointError,
      r"model\.safetensors: config\.json asks for num_hidden_layers=1000000000 but the file holds only \d+ tensors"),
     # sentence-transformers files
-    ("modules.json not JSON", _write("modules.json", "[{"), ConfigError, r"modules\.json: unreadable module list"),
-    ("modules.json an object", _write("modules.json", "{}"), ConfigError, r"modules\.json: expected a list"),
+    ("modules.json not JSON", _write("modules.json", "[{"), ConfigError,
+     r"modules\.json: the module list is not valid JSON"),
+    ("modules.json an object", _write("modules.json", "{}"), ConfigError,
+     r"modules\.json: the module list must be a JSON list, not dict"),
     ("modules.json type not a str", _write("modules.json", json.dumps([{"type": 1, "path": ""}])), ConfigError,
      r"modules\.json: expected a list"),
     ("modules.json path leaving the folder", _write("modules.json", json.dumps(
@@ -346,29 +354,29 @@ BAD_CHECKPOINTS = [
          {"idx": 1, "type": "sentence_transformers.models.CNN", "path": "1_CNN"}])),
      UnsupportedModuleError, r"modules\.json: module 'sentence_transformers\.models\.CNN' is not implemented"),
     ("sentence_bert_config.json not JSON", _write("sentence_bert_config.json", "{oops"), ConfigError,
-     r"sentence_bert_config\.json: unreadable"),
+     r"sentence_bert_config\.json: the sentence-transformers config is not valid JSON"),
     ("sentence_bert_config.json a list", _write("sentence_bert_config.json", "[]"), ConfigError,
-     r"sentence_bert_config\.json: expected a JSON object"),
+     r"sentence_bert_config\.json: the sentence-transformers config must be a JSON object"),
     ("max_seq_length a string", _write("sentence_bert_config.json", json.dumps({"max_seq_length": "128"})),
      ConfigError, r"sentence_bert_config\.json: max_seq_length='128' must be an integer >= 2"),
     ("max_seq_length 1", _write("sentence_bert_config.json", json.dumps({"max_seq_length": 1})),
      ConfigError, r"sentence_bert_config\.json: max_seq_length=1"),
     ("pooling config not JSON", _write("1_Pooling/config.json", "nope"), ConfigError,
-     r"1_Pooling/config\.json: unreadable pooling config"),
+     r"1_Pooling/config\.json: the pooling config is not valid JSON"),
     ("pooling config a list", _write("1_Pooling/config.json", "[]"), ConfigError,
-     r"1_Pooling/config\.json: expected a JSON object"),
+     r"1_Pooling/config\.json: the pooling config must be a JSON object"),
     ("pooling mode an int", _write("1_Pooling/config.json", json.dumps({"pooling_mode": 3})), ConfigError,
-     r"1_Pooling/config\.json: invalid pooling config"),
+     r"1_Pooling/config\.json: pooling_mode=3 must be a mode name or a list"),
     ("missing pooling config", _remove("1_Pooling/config.json"), ModelNotFoundError,
      r"1_Pooling/config\.json: missing pooling config"),
     # tokenizer files
     ("tokenizer.json not JSON", _write("tokenizer.json", "{"), ConfigError, r"tokenizer\.json: unreadable tokenizer"),
     ("tokenizer_config.json not JSON", _write("tokenizer_config.json", "{"), ConfigError,
-     r"tokenizer_config\.json: invalid JSON"),
+     r"tokenizer_config\.json: the tokenizer config is not valid JSON"),
     ("tokenizer_config.json a list", _write("tokenizer_config.json", "[]"), ConfigError,
-     r"tokenizer_config\.json: expected a JSON object"),
+     r"tokenizer_config\.json: the tokenizer config must be a JSON object"),
     ("vocab.txt not UTF-8", lambda d: ((d / "tokenizer.json").unlink(), (d / "vocab.txt").write_bytes(b"\xff\x80")),
-     ConfigError, r"vocab\.txt: not UTF-8 text"),
+     ConfigError, r"vocab\.txt:1: the vocabulary is not UTF-8 text"),
     ("vocab.txt without special tokens", lambda d: ((d / "tokenizer.json").unlink(), (d / "vocab.txt").write_text("")),
      ConfigError, r"vocab\.txt: special token '\[UNK\]' is not in the vocabulary"),
 ]
@@ -538,9 +546,11 @@ def test_embedding_does_not_depend_on_batch(tiny, arch, fast):
 
 def test_padded_length_depends_on_the_text_alone(tiny):
     enc = SentenceEncoder.from_pretrained(tiny("bert"))
-    assert [enc.padded_length(n) for n in (2, 8, 9, 16, 17, 127, 128)] == [8, 8, 16, 16, 24, 128, 128]
+    lengths = [runner_module.padded_length(n, enc.max_tokens) for n in (2, 8, 9, 16, 17, 127, 128)]
+    assert lengths == [8, 8, 16, 16, 24, 128, 128]
     limit = enc.arch.max_tokens(enc.model.config)
-    assert enc.padded_length(limit) == limit and enc.padded_length(limit - 1) <= limit
+    assert runner_module.padded_length(limit, limit) == limit
+    assert runner_module.padded_length(limit - 1, limit) <= limit
 
 
 # -- resource bounds -----------------------------------------------------------------------------------
@@ -550,16 +560,15 @@ def test_padded_length_depends_on_the_text_alone(tiny):
 def test_encode_streams_batches(tiny, monkeypatch, fast):
     """No model input holds more than one batch (every padded (rows, T) tensor is at most
     batch_size * max_seq_length tokens) and no more than one chunk of texts is tokenized at once."""
-    from minisbert import encoder
-
-    monkeypatch.setattr(encoder, "PLAN_CHUNK", 64)  # tokenize and plan 64 texts at a time
+    monkeypatch.setattr(encoder_module, "PLAN_CHUNK", 64)  # tokenize and plan 64 texts at a time
     enc = SentenceEncoder.from_pretrained(tiny("bert"), fast=fast)
     tokenized: list[int] = []
     padded: list[tuple[int, int]] = []
-    encode_ids, pad = enc.tokenizer.encode_ids, enc.tokenizer.pad
+    encode_ids = enc.tokenizer.encode_ids
     monkeypatch.setattr(enc.tokenizer, "encode_ids", lambda texts: tokenized.append(len(texts)) or encode_ids(texts))
-    monkeypatch.setattr(enc.tokenizer, "pad", lambda *a, **k: padded.append(tuple(pad(*a, **k)[0].shape))
-                        or pad(*a, **k))
+    for module in (runner_module, fast_module):  # both runners pad through tokenizer.pad_ids
+        monkeypatch.setattr(module, "pad_ids", lambda *a, **k: padded.append(tuple(pad_ids(*a, **k)[0].shape))
+                            or pad_ids(*a, **k))
     texts = corpus(40) * 5
     assert enc.encode(texts, batch_size=16).shape == (200, enc.embedding_dim)
     assert sum(rows for rows, _ in padded) == 200 and max(rows * T for rows, T in padded) <= 16 * enc.max_seq_length

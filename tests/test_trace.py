@@ -258,8 +258,8 @@ def test_inspect_json_describes_the_checkpoint(name, request, capsys):
     assert sum(blocks["sub_layers"].values()) == blocks["per_block"]
 
     st = info["sentence_transformers"]
-    assert st["max_seq_length"] == encoder.max_seq_length and st["pooling"] == list(encoder.layout.pooling.modes)
-    assert st["normalize"] == (name == "minilm") and st["do_lower_case"] == encoder.layout.do_lower_case
+    assert st["max_seq_length"] == encoder.max_seq_length and st["pooling"] == list(encoder.folder.pooling.modes)
+    assert st["normalize"] == (name == "minilm") and st["do_lower_case"] == encoder.folder.do_lower_case
     assert info["tokenizer"]["vocab_size"] == encoder.tokenizer.tokenizer.get_vocab_size()
     assert info["dtype"] == {"model": "float32", "checkpoint": ["float32"]}
     files = {f["path"]: f["bytes"] for f in info["files"]}

@@ -17,8 +17,9 @@ https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models
   a pad query row is uniform, as in transformers;
 - an optional convolution (``conv_kernel_size > 0``, deberta-v2-xlarge) mixes neighbouring embeddings
   into the first block's output (#L443, #L657).
-The position keys/queries (``key_proj(LN(rel_embeddings))`` etc.) do not depend on the input, so
-they are computed once per model and device/dtype and only the rows a length can reach are used.
+The position keys/queries (``key_proj(LN(rel_embeddings))`` etc.) do not depend on the input; this
+reference computes them every forward, as transformers does (the fast path caches them), and uses
+only the table rows a length can reach.
 
 Shape legend: B batch, T tokens, C hidden, E embedding width, H heads, D head dim, F feed-forward
 width, S ``att_span`` (the table has 2S rows), R the rows a length T reaches (R <= 2S).
@@ -26,7 +27,6 @@ width, S ``att_span`` (the table has 2S rows), R the rows a length T reaches (R 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -166,22 +166,20 @@ class RelativePositions(NamedTuple):
     rows: slice  # the R rows of the 2S-row table that length T reaches
 
 
-@functools.lru_cache(maxsize=8)  # 3 int64 (T, T) tensors each: 6 MB at T = 512
 def relative_positions(T: int, span: int, buckets: int, max_position: int) -> RelativePositions:
     """Bucketed relative positions and table indices for length T, on the CPU (depends on T only).
 
     The table row of distance d is ``clamp(d + S, 0, 2S - 1)``; distances beyond the table share its
     first/last row. Only rows [lo, hi) can occur, so indices are shifted to that slice.
     """
-    with torch.inference_mode(False):  # a cached tensor must be usable outside inference mode too
-        ids = torch.arange(T)
-        rel = ids[:, None] - ids[None, :]  # (T, T)
-        if buckets > 0:
-            rel = log_bucket(rel, buckets, max_position)
-        c2p = (rel + span).clamp(0, 2 * span - 1)
-        p2c = (-rel + span).clamp(0, 2 * span - 1)  # buckets are odd in d, so same rows as c2p
-        lo, hi = int(c2p.min()), int(c2p.max()) + 1
-        return RelativePositions(rel, c2p - lo, p2c - lo, slice(lo, hi))
+    ids = torch.arange(T)
+    rel = ids[:, None] - ids[None, :]  # (T, T)
+    if buckets > 0:
+        rel = log_bucket(rel, buckets, max_position)
+    c2p = (rel + span).clamp(0, 2 * span - 1)
+    p2c = (-rel + span).clamp(0, 2 * span - 1)  # buckets are odd in d, so same rows as c2p
+    lo, hi = int(c2p.min()), int(c2p.max()) + 1
+    return RelativePositions(rel, c2p - lo, p2c - lo, slice(lo, hi))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,25 +311,9 @@ class DebertaV2Model(nn.Module):
         self.rel_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if norm else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.conv = ConvLayer(cfg) if cfg.conv_kernel_size else None
-        # Per-layer position projections, filled on first use (the model is built on meta);
-        # cache_positions = False recomputes them every forward (for measuring what the cache saves).
-        self.cache_positions = True
-        self._positions: tuple[tuple, list] | None = None
 
     def position_projections(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """Each block's (pos_k, pos_q), (H, 2S, D) each, cached until a parameter they read changes."""
-        modules = [self.rel_embed, self.rel_ln, *(b.attn for b in self.blocks)]
-        params = [p for m in modules if m is not None for p in m.parameters()]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            self._positions = None  # training-style call: keep the graph, cache nothing
-            return self._compute_positions()
-        key = tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in params)
-        if not self.cache_positions or self._positions is None or self._positions[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # cached tensors must outlive inference mode
-                self._positions = (key, self._compute_positions())
-        return self._positions[1]
-
-    def _compute_positions(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Each block's (pos_k, pos_q), (H, 2S, D) each: the relative table seen through its projections."""
         rel = self.rel_embed.weight  # (2S, C)
         if self.rel_ln is not None:
             rel = self.rel_ln(rel)

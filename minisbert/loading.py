@@ -1,0 +1,170 @@
+"""Building what a ``ModelFolder`` describes: the transformer, its Dense modules and the tokenizer.
+
+Every module is built on the meta device (no memory, no random initialisation) and then filled from
+its weights file through one strict path, ``fill``: the architecture's checkpoint-name table maps
+every key (``checkpoint.map_state_dict``), each tensor is cast to the requested device and dtype, and
+the values the model will actually use must be finite (a float64 1e39 or an fp32 7e4 loaded as fp16
+turns into inf, and every embedding into NaN). Nothing is ever left randomly initialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from minisbert import checkpoint
+from minisbert.dense import NAMES as DENSE_NAMES
+from minisbert.dense import Dense
+from minisbert.errors import CheckpointError, ConfigError
+from minisbert.folder import DenseModule, ModelFolder
+from minisbert.kobert import KoBertTokenizer
+from minisbert.models import ARCHITECTURES
+from minisbert.tokenizer import TextTokenizer
+
+
+@dataclass
+class Loaded:
+    """The pieces of an encoder, ready to run."""
+    arch: object  # the architecture's module in minisbert.models
+    model: nn.Module  # the transformer, eval mode, no gradients
+    dense: list[Dense]
+    tokenizer: TextTokenizer | KoBertTokenizer
+    max_tokens: int  # the most tokens the position table allows
+    max_seq_length: int  # the folder's max_seq_length, capped at max_tokens
+
+
+def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
+    """Build and fill everything ``folder`` describes, on ``device`` in ``dtype``."""
+    device, dtype = check_device(device), parse_dtype(dtype)
+    arch = architecture(folder)
+    model = load_transformer(arch, folder.config, folder.weights, device, dtype)
+    limit = arch.max_tokens(model.config)
+    if folder.transformer_type == "KoBertTransformer":
+        tokenizer = KoBertTokenizer.from_files(folder.tokenizer, folder.do_lower_case)
+    else:
+        tokenizer = TextTokenizer.from_files(folder.tokenizer, folder.do_lower_case,
+                                             fallback_pad_id=model.config.pad_token_id)
+    width = model.config.hidden_size * len(folder.pooling.modes)  # what Pooling gives
+    dense = []
+    for module in folder.dense:  # each takes the width the one before gives
+        dense.append(load_dense(module, width, device, dtype))
+        width = module.config.out_features
+    # Like sentence-transformers, never let the tokenizer produce more tokens than positions exist.
+    return Loaded(arch, model, dense, tokenizer, limit, min(folder.max_seq_length or limit, limit))
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating dtype the models run in, given as a torch.dtype or its name; anything else a ValueError."""
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in DTYPES.values() and dtype != torch.float64:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (or torch.float64)")
+    return dtype
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that this machine has; a one-line ValueError otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={str(device)!r}: CUDA is not available ({why}); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
+        raise ValueError(f"device={str(device)!r} is not available in this torch build")
+    return device
+
+
+def architecture(folder: ModelFolder):
+    """The module of ``minisbert.models`` that implements the folder's ``model_type``."""
+    # KoBertTransformer always builds a BertModel, whatever config.json says (or omits).
+    default = "bert" if folder.transformer_type == "KoBertTransformer" else None
+    model_type = folder.config.get("model_type", default)
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise ConfigError(f"{folder.transformer_dir / 'config.json'}: model_type={model_type!r} is not supported "
+                          f"(supported: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[model_type]
+
+
+def load_transformer(arch, hf_config: dict, weights: Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The architecture built from ``hf_config`` and filled from ``weights``."""
+    state = checkpoint.read_state_dict(weights)
+    # Every layer has at least one tensor. Refusing more layers than the file has tensors before
+    # building keeps a config asking for 10**9 layers from taking hours, even on the meta device.
+    layers = hf_config.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > len(state):
+        raise CheckpointError(f"{weights}: config.json asks for num_hidden_layers={layers} but the file holds "
+                              f"only {len(state)} tensors")
+    try:
+        model = on_meta(arch.build, hf_config)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        # A value the architecture's validation did not foresee (a list where a name belongs, a size
+        # whose tensor would overflow int64) is still a bad config, not a crash.
+        raise ConfigError(f"{weights.parent / 'config.json'}: invalid model config "
+                          f"({type(e).__name__}: {e})") from None
+    return fill(model, arch, state, weights, device, dtype)
+
+
+def load_dense(module: DenseModule, in_features: int, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Dense:
+    """A Dense module whose input must be ``in_features`` wide (what the module before it gives)."""
+    if module.config.in_features != in_features:
+        raise ConfigError(f"{module.folder / 'config.json'}: in_features={module.config.in_features}, but the "
+                          f"module before it gives {in_features}")
+    dense = on_meta(Dense, module.config)
+    return fill(dense, DENSE_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device, dtype)
+
+
+def fill(module: nn.Module, names, state: dict[str, torch.Tensor], weights: Path,
+         device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """Fill a meta-device ``module`` from ``state`` (read from ``weights``) through the name table
+    ``names`` (an architecture module, or anything with its ``PREFIXES``/``CHECKPOINT_NAMES``/
+    ``IGNORED_KEYS``), strictly; returns it in eval mode without gradients."""
+    sources: dict[str, str] = {}  # our name -> the checkpoint's key, for errors a user can grep for
+    mapped = checkpoint.map_state_dict(state, names, module, str(weights), sources=sources)
+    cast = {}
+    for ours, tensor in mapped.items():
+        value = tensor.to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(value).all()):
+            # A NaN or inf weight makes every embedding NaN (or silently wrong): refuse the file instead.
+            if bool(torch.isfinite(tensor).all()):  # finite in the file, not in the requested dtype
+                why = (f"overflows to infinity in {str(dtype).removeprefix('torch.')} (largest |value| "
+                       f"{tensor.abs().max().item():.3g}); load the model in a wider dtype")
+            else:
+                why = "holds NaN or infinite values"
+            raise CheckpointError(f"{weights}: tensor {sources[ours]!r} {why} (minisbert's {ours})")
+        cast[ours] = value
+    module.load_state_dict(cast, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+class SkipInit(TorchFunctionMode):
+    """Turns ``torch.nn.init``'s initialisers into no-ops. On the meta device they compute nothing
+    anyway, but the first ``normal_`` there imports torch's compiler stack (~2 s of a cold start)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def on_meta(build, *args):
+    """``build(*args)`` on the meta device with no initialiser run: every parameter is filled later."""
+    with torch.device("meta"), SkipInit():
+        return build(*args)
