@@ -1,66 +1,130 @@
-"""``minisbert`` / ``python -m minisbert``: encode, download, convert, eval-sts, inspect."""
+"""``minisbert`` / ``python -m minisbert``: encode, download, convert, eval-sts, inspect.
+
+Every argument is checked before a model loads (loading takes seconds), and every error is one line
+on stderr with exit status 2: the message names the file, flag or key at fault.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import io
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-# Subcommands implemented in their own modules: each has add_arguments(parser) and run(args) -> int.
-EXTERNAL = {
-    "eval-sts": ("minisbert.sts", "score STS pairs (KorSTS, KLUE-STS, CSV/TSV/JSONL) like the model cards"),
-    "inspect": ("minisbert.inspect", "what is inside a checkpoint: config, parameters, key mapping"),
-}
+from minisbert import __version__, hub, inspect, sts
+from minisbert.checkpoint import convert_to_safetensors
+from minisbert.encoder import SentenceEncoder
+from minisbert.errors import MinisbertError
+from minisbert.loading import check_device, parse_dtype
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def token_count(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 ([CLS] and [SEP] count), got {text}")
+    return value
 
 
 def _add_encode(sub) -> None:
-    p = sub.add_parser("encode", help="embed texts (arguments, --input file, or stdin, one per line)")
+    p = sub.add_parser("encode", help="embed texts (arguments, --input file, or stdin, one per line)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("texts", nargs="*", help="texts to embed (default: read lines from --input or stdin)")
-    p.add_argument("--model", required=True, help="model folder, manifest short name, or hub id")
-    p.add_argument("--input", help="file with one text per line")
-    p.add_argument("--output", help="write .npy or .jsonl here (default: JSON lines on stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", required=True,
+                   help="model folder, short name from weights/models.json (e.g. all-MiniLM-L6-v2), or hub id")
+    p.add_argument("--input", help="UTF-8 file with one text per line")
+    p.add_argument("--output", help="write .npy or .jsonl here, atomically (default: JSON lines on stdout)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
-    p.add_argument("--max-seq-length", type=int, help="override the model's max_seq_length")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-seq-length", type=token_count, help="tokens per text (default: the model's own)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--prompt-name", help="prepend this prompt of the model's config_sentence_transformers.json")
     p.add_argument("--prompt", help="prepend this text to every text (instead of the model's default prompt)")
-    p.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka models)")
+    p.add_argument("--truncate-dim", type=positive_int, help="keep the first N dimensions (Matryoshka models)")
+
+
+def read_lines(path: str | None) -> list[str]:
+    """The lines of ``path`` (stdin when None) without their line ends; bytes that are not UTF-8 are an
+    error naming the file and line."""
+    name = path or "<stdin>"
+    if path is None:
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"--input {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, "
+                         f"e.g. iconv -f cp949 -t utf-8 FILE > FILE.utf8") from None
+    # Lines as a text-mode file gives them (universal newlines), line ends dropped.
+    return [line.rstrip("\r\n") for line in io.StringIO(text, newline=None)]
+
+
+def check_output(path: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"--output {path}: is a folder")
+    if not folder.is_dir():
+        raise ValueError(f"--output {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {path}: the folder {folder} is not writable")
+
+
+def write_atomically(path: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, renamed over it only when complete: a failure
+    leaves an existing file as it was."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def run_encode(args) -> int:
-    import torch
-
-    from minisbert import SentenceEncoder
-
-    if args.texts:
-        texts = args.texts
-    else:
-        stream = open(args.input, encoding="utf-8") if args.input else sys.stdin
-        with stream:
-            texts = [line.rstrip("\r\n") for line in stream]
-    encoder = SentenceEncoder.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+    # Everything that can be wrong with the arguments fails here, before seconds of loading.
+    device = check_device(args.device)
+    if args.output:
+        check_output(args.output)
+    texts = args.texts if args.texts else read_lines(args.input)
+    encoder = SentenceEncoder.from_pretrained(args.model, device=device, dtype=parse_dtype(args.dtype),
                                               revision=args.revision)
     if args.max_seq_length:
         encoder.max_seq_length = args.max_seq_length
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize,
                          prompt_name=args.prompt_name, prompt=args.prompt, truncate_dim=args.truncate_dim)
+    lines = (json.dumps({"text": t, "embedding": [float(v) for v in e]}, ensure_ascii=False) + "\n"
+             for t, e in zip(texts, emb))
     if args.output and args.output.endswith(".npy"):
-        np.save(args.output, emb)
+        write_atomically(args.output, lambda f: np.save(f, emb))
+    elif args.output:
+        write_atomically(args.output, lambda f: f.writelines(line.encode("utf-8") for line in lines))
     else:
-        lines = (json.dumps({"text": t, "embedding": [float(v) for v in e]}, ensure_ascii=False)
-                 for t, e in zip(texts, emb))
-        if args.output:
-            Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        else:
-            for line in lines:
-                print(line)
+        sys.stdout.writelines(lines)
     if args.output:
         print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {args.output}", file=sys.stderr)
     return 0
@@ -69,14 +133,11 @@ def run_encode(args) -> int:
 def _add_download(sub) -> None:
     p = sub.add_parser("download", help="fetch a manifest model (or hub id) into weights/NAME/")
     p.add_argument("name", help="short name from weights/models.json, or a hub id")
-    p.add_argument("--revision")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit); default: the manifest's, else main")
 
 
 def run_download(args) -> int:
-    from minisbert import hub
-
-    folder = hub.download(args.name, revision=args.revision)
-    print(folder)
+    print(hub.download(args.name, revision=args.revision))
     return 0
 
 
@@ -87,8 +148,6 @@ def _add_convert(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from minisbert.checkpoint import convert_to_safetensors
-
     source = Path(args.source)
     if source.is_dir():
         candidates = [source / n for n in ("pytorch_model.bin.index.json", "pytorch_model.bin")]
@@ -98,31 +157,31 @@ def run_convert(args) -> int:
     return 0
 
 
-BUILTIN = {"encode": (_add_encode, run_encode), "download": (_add_download, run_download),
-           "convert": (_add_convert, run_convert)}
+# name -> (add the subcommand's parser, run it); eval-sts and inspect live in their own modules.
+COMMANDS = {
+    "encode": (_add_encode, run_encode),
+    "download": (_add_download, run_download),
+    "convert": (_add_convert, run_convert),
+    "eval-sts": (lambda sub: sts.add_arguments(sub.add_parser(
+        "eval-sts", help="score STS pairs (KorSTS, KLUE-STS, CSV/TSV/JSONL) like the model cards",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)), sts.run),
+    "inspect": (lambda sub: inspect.add_arguments(sub.add_parser(
+        "inspect", help="what is inside a checkpoint: config, parameters, key mapping")), inspect.run),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minisbert.errors import MinisbertError
-
-    parser = argparse.ArgumentParser(prog="minisbert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minisbert", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"minisbert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    runners = {}
-    for name, (add, run) in BUILTIN.items():
+    for add, _ in COMMANDS.values():
         add(sub)
-        runners[name] = run
-    for name, (module_name, help_text) in EXTERNAL.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        module.add_arguments(sub.add_parser(name, help=help_text))
-        runners[name] = module.run
     args = parser.parse_args(argv)
     try:
-        return runners[args.command](args)
+        return COMMANDS[args.command][1](args)
     except (MinisbertError, OSError, ValueError) as e:
         print(f"minisbert {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"minisbert {args.command}: interrupted", file=sys.stderr)
+        return 130
