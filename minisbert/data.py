@@ -1,0 +1,187 @@
+"""Training data: readers for the recipes' formats, and the samplers that cut examples into batches.
+
+An ``Examples`` holds each example's text columns (2 or 3 texts) and, for scored pairs, its gold score
+in [0, 1]. The formats:
+
+- ``korsts``: anything ``eval-sts`` reads (KorSTS TSV, KLUE-STS JSON, CSV/JSONL with sentence1,
+  sentence2, score), score / 5, as the KorSTS training scripts of the cards do;
+- ``kornli``: KorNLI TSVs (sentence1, sentence2, gold_label) turned into (anchor, entailment,
+  contradiction) triplets the way sentence-transformers' NLI example (``training_nli_v2.py``) and
+  ko-sentence-transformers' KorNLI loader do: every sentence, as premise and as hypothesis, collects
+  its entailed and contradicted partners; one that has both gives two triplets,
+  ``[s, entailed, contradicted]`` and ``[entailed', s, contradicted']``, each partner drawn at random.
+  Several files (MultiNLI and SNLI) pool into one table, as that loader globs ``*train.ko.tsv``;
+- ``triplets``, ``pairs``, ``scored-pairs``: plain TSVs, tab-separated, no header line, 3, 2 and 3
+  fields (the last a score in [0, 1]).
+
+A sampler is an endless stream of batches (lists of example indices) that behaves like what
+``old_fit`` iterates: ``sequential`` (file order, a DataLoader without shuffling), ``shuffle`` (a new
+permutation every pass, a DataLoader with ``shuffle=True``), ``no_duplicates`` (sentence-transformers'
+``NoDuplicatesDataLoader``: no text twice in a batch, compared stripped and lowercased). ``len`` is the
+number of batches per pass, which sets ``old_fit``'s epoch length.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from minisbert.sts import read_sts
+
+
+@dataclass
+class Examples:
+    texts: list[tuple[str, ...]]  # each example's text columns, all examples with the same count
+    scores: list[float] | None = None  # scored pairs: the gold similarity in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+class DataError(ValueError):
+    """A training file that cannot be read; the message starts with ``file:line`` where it can."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_korsts(path: Path) -> Examples:
+    data = read_sts(path)  # scores already divided by 5
+    return Examples(list(zip(data.sentences1, data.sentences2)), list(data.scores))
+
+
+def read_kornli(paths: list[Path], rng: random.Random) -> Examples:
+    partners: dict[str, dict[str, dict[str, None]]] = {}  # sentence -> label -> partners (an ordered set)
+    for path in paths:
+        for line, row in _tsv_rows(path, header=True):
+            try:
+                s1, s2, label = row["sentence1"].strip(), row["sentence2"].strip(), row["gold_label"]
+            except (KeyError, AttributeError):
+                raise DataError(f"{path}:{line}: a KorNLI row needs sentence1, sentence2 and gold_label") from None
+            for a, b in ((s1, s2), (s2, s1)):  # each pair read both ways, as the NLI example does
+                partners.setdefault(a, {"contradiction": {}, "entailment": {}, "neutral": {}})
+                partners[a].setdefault(label, {})[b] = None
+    texts = []
+    for sentence, by_label in partners.items():
+        entailed, contradicted = list(by_label["entailment"]), list(by_label["contradiction"])
+        if entailed and contradicted:
+            # Partners in file order (the example's random.choice over a set is not reproducible).
+            texts.append((sentence, rng.choice(entailed), rng.choice(contradicted)))
+            texts.append((rng.choice(entailed), sentence, rng.choice(contradicted)))
+    return Examples(texts)
+
+
+def read_plain(path: Path, fields: int, scored: bool) -> Examples:
+    texts, scores = [], []
+    for line, row in _tsv_rows(path, header=False):
+        if len(row) != fields:
+            raise DataError(f"{path}:{line}: {len(row)} tab-separated fields, expected {fields}")
+        if scored:
+            try:
+                score = float(row[-1])
+            except ValueError:
+                score = math.nan
+            if not 0 <= score <= 1:  # NaN fails too
+                raise DataError(f"{path}:{line}: score {row[-1]!r} is not a number in [0, 1]")
+            scores.append(score)
+            row = row[:-1]
+        texts.append(tuple(row))
+    return Examples(texts, scores if scored else None)
+
+
+def _tsv_rows(path: Path, header: bool):
+    """(line number, row) for each non-empty line: a dict by the header's names, or a list of fields.
+    QUOTE_NONE, as KorNLI/KorSTS must be read (their texts hold unbalanced quotes)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            names = next(reader, None) if header else None
+            for row in reader:
+                if row:
+                    yield reader.line_num, dict(zip(names, row)) if header else row
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+
+
+FORMATS = ("korsts", "kornli", "triplets", "pairs", "scored-pairs")
+
+
+def read_examples(paths: list[Path], fmt: str, rng: random.Random) -> Examples:
+    """Read ``paths`` (one or more files, concatenated in order) in format ``fmt``."""
+    if fmt not in FORMATS:
+        raise DataError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no such file")
+    if fmt == "kornli":
+        return read_kornli(paths, rng)
+    parts = [read_korsts(p) if fmt == "korsts" else
+             read_plain(p, {"triplets": 3, "pairs": 2, "scored-pairs": 3}[fmt], fmt == "scored-pairs") for p in paths]
+    scored = fmt in ("korsts", "scored-pairs")
+    return Examples([t for part in parts for t in part.texts],
+                    [s for part in parts for s in part.scores] if scored else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samplers
+
+
+class Sampler:
+    """Batches of ``batch_size`` example indices, forever; ``len`` batches make one pass over the data."""
+
+    def __init__(self, examples: Examples, batch_size: int, kind: str, rng: random.Random):
+        if kind not in SAMPLERS:
+            raise ValueError(f"sampler {kind!r} is not one of {', '.join(SAMPLERS)}")
+        self.examples, self.batch_size, self.kind, self.rng = examples, batch_size, kind, rng
+
+    def __len__(self) -> int:
+        n, b = len(self.examples), self.batch_size
+        # A DataLoader keeps the last, smaller batch; NoDuplicatesDataLoader counts full batches only.
+        return n // b if self.kind == "no_duplicates" else -(-n // b)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return SAMPLERS[self.kind](self)
+
+    def sequential(self) -> Iterator[list[int]]:
+        n, b = len(self.examples), self.batch_size
+        while True:
+            yield from (list(range(s, min(s + b, n))) for s in range(0, n, b))
+
+    def shuffle(self) -> Iterator[list[int]]:
+        n, b = len(self.examples), self.batch_size
+        while True:
+            order = list(range(n))
+            self.rng.shuffle(order)  # a new permutation each pass, as a DataLoader's RandomSampler
+            yield from (order[s: s + b] for s in range(0, n, b))
+
+    def no_duplicates(self) -> Iterator[list[int]]:
+        """NoDuplicatesDataLoader: walk a shuffled order, skip an example whose text is already in the
+        batch (skipped examples wait for the next pass), reshuffle at the end and go on filling."""
+        order = list(range(len(self.examples)))
+        self.rng.shuffle(order)
+        pointer = 0
+        while True:
+            batch, seen, skipped = [], set(), 0
+            while len(batch) < self.batch_size:
+                i = order[pointer]
+                keys = [text.strip().lower() for text in self.examples.texts[i]]
+                if not seen.intersection(keys):
+                    batch.append(i)
+                    seen.update(keys)
+                else:
+                    skipped += 1
+                    if skipped > len(order):  # sentence-transformers would loop forever here
+                        raise DataError(f"cannot fill a batch of {self.batch_size} examples without a text twice")
+                pointer += 1
+                if pointer == len(order):
+                    pointer = 0
+                    self.rng.shuffle(order)
+            yield batch
+
+
+SAMPLERS = {"sequential": Sampler.sequential, "shuffle": Sampler.shuffle, "no_duplicates": Sampler.no_duplicates}
