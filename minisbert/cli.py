@@ -1,4 +1,4 @@
-"""``minisbert`` / ``python -m minisbert``: encode, download, convert, eval-sts, inspect.
+"""``minisbert`` / ``python -m minisbert``: encode, download, convert, eval-sts, inspect, train.
 
 Every argument is checked before a model loads (loading takes seconds), and every error is one line
 on stderr with exit status 2: the message names the file, flag or key at fault.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minisbert import __version__, hub, inspect, sts
+from minisbert import __version__, hub, inspect, sts, train
 from minisbert.checkpoint import convert_to_safetensors
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
@@ -157,7 +157,7 @@ def run_convert(args) -> int:
     return 0
 
 
-# name -> (add the subcommand's parser, run it); eval-sts and inspect live in their own modules.
+# name -> (add the subcommand's parser, run it); eval-sts, inspect and train live in their own modules.
 COMMANDS = {
     "encode": (_add_encode, run_encode),
     "download": (_add_download, run_download),
@@ -167,6 +167,9 @@ COMMANDS = {
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)), sts.run),
     "inspect": (lambda sub: inspect.add_arguments(sub.add_parser(
         "inspect", help="what is inside a checkpoint: config, parameters, key mapping")), inspect.run),
+    "train": (lambda sub: train.add_arguments(sub.add_parser(
+        "train", help="fine-tune with a recipe (the seed cards' fit: MNR, CosineSimilarityLoss, multitask)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)), train.run),
 }
 
 

@@ -1,0 +1,547 @@
+"""Fine-tuning with the seed cards' recipes: sentence-transformers' legacy ``fit``, step for step.
+
+    python -m minisbert train --model all-MiniLM-L6-v2 --recipe recipes/klue-sroberta-sts.json --output out
+
+The recipe (``read_recipe``) is JSON: ``max_seq_length``; ``objectives``, each ``{"data", "format",
+"loss", "loss_params", "batch_size", "sampler"}``; ``fit``, the cards' "Parameters of the fit()-Method"
+block as printed; optionally ``evaluator`` (``{"data", "format": "korsts"}``), ``seed`` and
+``description``.
+
+One training step, as ``SentenceTransformer.old_fit`` (the fit that trained the seeds) does it, for
+each objective in turn (round robin): its sampler's next batch -> every text column embedded by the
+model in train mode (dropout on) -> its loss -> backward -> gradient norm clipped -> its own AdamW
+steps -> its own scheduler steps. Also as ``old_fit``:
+
+- one AdamW per objective, all over the same parameters (each keeps its own moments), with weight
+  decay on every parameter but biases and LayerNorms; one learning-rate schedule per objective;
+- an epoch is the shortest objective's number of batches (unless ``steps_per_epoch``); samplers are
+  never reset at an epoch's end, a longer objective just goes on where it was;
+- evaluation every ``evaluation_steps`` steps of an epoch and at each epoch's end, the model saved
+  whenever the score (the best of the four Spearman correlations, what the legacy
+  ``EmbeddingSimilarityEvaluator`` returned) beats the best so far; without an evaluator the final
+  model is saved;
+- ``use_amp``: fp16 autocast with gradient scaling on CUDA (a step whose scale changed skips the
+  scheduler, as ``old_fit`` does); on a CPU, bf16 autocast, which needs no scaling (bf16 has fp32's range).
+
+One thing differs, for speed, not for the math: each step's texts (all columns of a batch) are
+embedded in groups of similar token counts, each group padded to its own longest text, instead of
+each column padded to its own longest; the linears then run on ~1.5x fewer padded positions at
+KorSTS's lengths. Groups change only the order of float sums (``tests/test_train.py`` holds the
+steps to ``old_fit``'s within rounding).
+
+The output folder gets the model (sentence-transformers layout), ``eval/similarity_evaluation_*_results.csv``
+(sentence-transformers' columns) and ``train_loss.csv`` (every objective's loss and learning rate per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minisbert.data import Examples, Sampler, read_examples
+from minisbert.encoder import SentenceEncoder
+from minisbert.kernels import masked_mean
+from minisbert.loading import check_device
+from minisbert.losses import get_loss
+from minisbert.pooling import pool
+from minisbert.runner import padded_length
+from minisbert.sts import METRICS, evaluate_sts, read_sts
+from minisbert.tokenizer import pad_ids
+
+log = logging.getLogger("minisbert")
+
+# ---------------------------------------------------------------------------------------------------
+# The recipe
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+# The fit block: old_fit's parameters and defaults. The cards print the first ten.
+FIT_DEFAULTS = {
+    "epochs": 1, "steps_per_epoch": None, "scheduler": "WarmupLinear", "warmup_steps": 10000,
+    "optimizer_class": "AdamW", "optimizer_params": {"lr": 2e-5}, "weight_decay": 0.01,
+    "evaluation_steps": 0, "evaluator": None, "max_grad_norm": 1, "use_amp": False, "save_best_model": True,
+}
+SCHEDULERS = ("constantlr", "warmupconstant", "warmuplinear", "warmupcosine", "warmupcosinewithhardrestarts")
+OPTIMIZER_PARAMS = ("lr", "eps", "betas")
+
+
+@dataclass(frozen=True)
+class Objective:
+    data: tuple[Path, ...]
+    format: str
+    loss: str
+    loss_params: dict
+    batch_size: int
+    sampler: str
+
+
+@dataclass(frozen=True)
+class FitParams:
+    epochs: int
+    steps_per_epoch: int | None
+    scheduler: str
+    warmup_steps: int
+    optimizer_params: dict
+    weight_decay: float
+    evaluation_steps: int
+    max_grad_norm: float
+    use_amp: bool
+    save_best_model: bool
+
+
+@dataclass(frozen=True)
+class Recipe:
+    objectives: tuple[Objective, ...]
+    fit: FitParams
+    max_seq_length: int | None = None  # None: the model's own
+    evaluator: Path | None = None  # STS pairs (any format ``eval-sts`` reads)
+    seed: int = 42
+    description: str = ""
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """The recipe at ``path``, every key checked; relative data paths are taken from the current folder."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"{path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeError(f"{path}: not a JSON file ({e})") from None
+    return parse_recipe(raw, str(path))
+
+
+def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
+    def fail(key: str, message: str):
+        raise RecipeError(f"{where}: {key}: {message}")
+
+    def check_keys(obj, allowed, key: str, required=()):
+        if not isinstance(obj, dict):
+            fail(key, f"must be a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(allowed))
+        if unknown:
+            fail(key, f"unknown keys {unknown} (allowed: {', '.join(allowed)})")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            fail(key, f"missing keys {missing}")
+
+    def integer(value, key: str, low: int = 1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            fail(key, f"{value!r} must be an integer >= {low}")
+        return value
+
+    def number(value, key: str, low: float = 0.0):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            fail(key, f"{value!r} must be a number >= {low}")
+        return float(value)
+
+    def paths(value, key: str) -> tuple[Path, ...]:
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+            fail(key, f"{value!r} must be a file path or a list of them")
+        for v in values:
+            if not Path(v).is_file():
+                fail(key, f"{v}: no such file (fill in the recipe's data paths)")
+        return tuple(Path(v) for v in values)
+
+    check_keys(raw, ("max_seq_length", "objectives", "fit", "evaluator", "seed", "description"), "recipe",
+               required=("objectives", "fit"))
+    objectives = []
+    if not isinstance(raw["objectives"], list) or not raw["objectives"]:
+        fail("objectives", "must be a non-empty list")
+    for i, obj in enumerate(raw["objectives"]):
+        key = f"objectives[{i}]"
+        check_keys(obj, ("data", "format", "loss", "loss_params", "batch_size", "sampler"), key,
+                   required=("data", "format", "loss", "batch_size"))
+        fmt = obj["format"]
+        if fmt not in FORMAT_COLUMNS:
+            fail(f"{key}.format", f"{fmt!r} is not one of {', '.join(FORMAT_COLUMNS)}")
+        try:
+            loss, params = get_loss(obj["loss"], obj.get("loss_params", {}) or {})
+        except ValueError as e:
+            fail(f"{key}.loss", str(e))
+        columns, scored = FORMAT_COLUMNS[fmt]
+        if columns not in loss.columns or scored != loss.scored:
+            fail(f"{key}.format", f"{fmt!r} gives {columns} texts{' and a score' if scored else ''} per example; "
+                                  f"{obj['loss']} takes {' or '.join(map(str, loss.columns))} texts"
+                                  f"{' and a score' if loss.scored else ' and no score'}")
+        sampler = obj.get("sampler", "sequential")
+        if sampler not in ("sequential", "shuffle", "no_duplicates"):
+            fail(f"{key}.sampler", f"{sampler!r} is not one of sequential, shuffle, no_duplicates")
+        objectives.append(Objective(paths(obj["data"], f"{key}.data"), fmt, obj["loss"], params,
+                                    integer(obj["batch_size"], f"{key}.batch_size"), sampler))
+
+    fit = raw["fit"]
+    check_keys(fit, tuple(FIT_DEFAULTS), "fit")
+    fit = {**FIT_DEFAULTS, **fit}
+    scheduler = fit["scheduler"]
+    if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
+        fail("fit.scheduler", f"{scheduler!r} is not one of ConstantLR, WarmupConstant, WarmupLinear, WarmupCosine, "
+                              f"WarmupCosineWithHardRestarts")
+    # The cards print the class ("<class 'torch.optim.adamw.AdamW'>", transformers' AdamW, or "" when the
+    # page dropped the angle brackets); every one of them is AdamW.
+    if fit["optimizer_class"] is not None and "AdamW" not in fit["optimizer_class"] and fit["optimizer_class"] != "":
+        fail("fit.optimizer_class", f"{fit['optimizer_class']!r}: only AdamW is implemented")
+    evaluator_class = fit["evaluator"]
+    if evaluator_class and "EmbeddingSimilarityEvaluator" not in str(evaluator_class):
+        fail("fit.evaluator", f"{evaluator_class!r}: only EmbeddingSimilarityEvaluator is implemented")
+    check_keys(fit["optimizer_params"], OPTIMIZER_PARAMS, "fit.optimizer_params")
+    optimizer_params = dict(fit["optimizer_params"])
+    optimizer_params["lr"] = number(optimizer_params.get("lr", 2e-5), "fit.optimizer_params.lr")
+    if "eps" in optimizer_params:
+        optimizer_params["eps"] = number(optimizer_params["eps"], "fit.optimizer_params.eps")
+    if "betas" in optimizer_params:
+        betas = optimizer_params["betas"]
+        if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas)):
+            fail("fit.optimizer_params.betas", f"{betas!r} must be a list of two numbers")
+        optimizer_params["betas"] = tuple(float(b) for b in betas)
+    for name in ("use_amp", "save_best_model"):
+        if not isinstance(fit[name], bool):
+            fail(f"fit.{name}", f"{fit[name]!r} must be true or false")
+    steps_per_epoch = fit["steps_per_epoch"] or None  # old_fit: None or 0 means the shortest objective
+    params = FitParams(
+        epochs=integer(fit["epochs"], "fit.epochs"),
+        steps_per_epoch=None if steps_per_epoch is None else integer(steps_per_epoch, "fit.steps_per_epoch"),
+        scheduler=scheduler.lower(),
+        warmup_steps=integer(fit["warmup_steps"], "fit.warmup_steps", low=0),
+        optimizer_params=optimizer_params,
+        weight_decay=number(fit["weight_decay"], "fit.weight_decay"),
+        evaluation_steps=integer(fit["evaluation_steps"], "fit.evaluation_steps", low=0),
+        max_grad_norm=number(fit["max_grad_norm"], "fit.max_grad_norm"),
+        use_amp=fit["use_amp"], save_best_model=fit["save_best_model"])
+
+    evaluator = None
+    if raw.get("evaluator") is not None:
+        check_keys(raw["evaluator"], ("data", "format"), "evaluator", required=("data",))
+        if raw["evaluator"].get("format", "korsts") != "korsts":
+            fail("evaluator.format", f"{raw['evaluator']['format']!r}: only korsts (STS pairs) is implemented")
+        evaluator = paths(raw["evaluator"]["data"], "evaluator.data")[0]
+    max_seq_length = raw.get("max_seq_length")
+    seed = raw.get("seed", 42)
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        fail("description", "must be a string")
+    if max_seq_length is not None:
+        max_seq_length = integer(max_seq_length, "max_seq_length", low=2)
+    return Recipe(tuple(objectives), params, max_seq_length, evaluator, integer(seed, "seed", low=0), description)
+
+
+# format -> (text columns per example, whether it has a score)
+FORMAT_COLUMNS = {"korsts": (2, True), "kornli": (3, False), "triplets": (3, False), "pairs": (2, False),
+                  "scored-pairs": (2, True)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def no_decay(name: str, module: nn.Module) -> bool:
+    """old_fit's rule, ``any(nd in name for nd in ["bias", "LayerNorm.bias", "LayerNorm.weight"])`` on
+    Hugging Face names: biases and every LayerNorm parameter (DeBERTa's relative-table LayerNorm too)."""
+    return name == "bias" or isinstance(module, nn.LayerNorm)
+
+
+def adamw(modules: list[nn.Module], fit: FitParams) -> torch.optim.AdamW:
+    decay, plain = [], []
+    for m in modules:
+        for sub in m.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                (plain if no_decay(name, sub) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": fit.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, **fit.optimizer_params)
+
+
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """The learning rate's multiplier at ``step``: transformers' schedules, which old_fit names."""
+    if kind == "constantlr":
+        return 1.0
+    if step < warmup:  # every other schedule warms up linearly from 0
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "warmupconstant":
+        return 1.0
+    if kind == "warmuplinear":  # down to 0 at ``total``, written as transformers does (same rounding)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if kind == "warmupcosine":  # half a cosine wave down to 0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    if progress >= 1.0:  # warmupcosinewithhardrestarts, with one cycle
+        return 0.0
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
+
+
+def schedule(optimizer: torch.optim.Optimizer, fit: FitParams, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(fit.scheduler, step, fit.warmup_steps, total))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The objectives
+
+
+@dataclass
+class Task:
+    """An objective ready to train: its examples, its sampler's batches, its loss function."""
+    examples: Examples
+    batches: Sampler
+    loss: object
+    loss_params: dict
+
+
+def build_tasks(recipe: Recipe, rng: random.Random) -> list[Task]:
+    """Each objective's examples read, its sampler and loss ready."""
+    out = []
+    for i, o in enumerate(recipe.objectives):
+        examples = read_examples(list(o.data), o.format, rng)
+        sampler = Sampler(examples, o.batch_size, o.sampler, rng)
+        if len(sampler) == 0:
+            raise RecipeError(f"objectives[{i}]: {len(examples)} examples make no batch of {o.batch_size}")
+        loss, params = get_loss(o.loss, o.loss_params)
+        out.append(Task(examples, sampler, loss.fn, params))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training forward
+
+
+def length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by ``padded_length`` (token counts rounded up to a multiple of 8), shortest first."""
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        groups.setdefault(padded_length(lengths[i], max_tokens), []).append(i)
+    return list(groups.values())
+
+
+def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
+    """Texts -> (n, D) float32 embeddings with gradients: tokenized as sentence-transformers does (no
+    prompt), through the model's reference forward in groups of similar length (each padded to its
+    longest text), pooled, then the folder's Dense modules and Normalize (``encoder.head``)."""
+    ids = encoder.tokenizer.encode_ids(texts)
+    groups = length_groups([len(row) for row in ids], encoder.max_tokens)
+    pooled = []
+    for rows in groups:
+        input_ids, mask = (t.to(encoder.device) for t in pad_ids([ids[i] for i in rows], encoder.tokenizer.pad_id))
+        states = encoder.model(input_ids, mask)  # (b, T, C)
+        # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
+        modes = encoder.folder.pooling.modes
+        pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool(states, mask, modes))  # (b, C * modes)
+    order = torch.tensor([i for rows in groups for i in rows], device=encoder.device)
+    pooled = torch.cat(pooled)[torch.argsort(order)]  # back to the order of ``texts``
+    return encoder.head(pooled)
+
+
+def batch_loss(encoder: SentenceEncoder, objective: Task, batch: list[int]) -> torch.Tensor:
+    """One objective's loss on one batch (example indices): all its columns embedded in one call."""
+    columns = list(zip(*(objective.examples.texts[i] for i in batch)))  # K columns of B texts
+    embeddings = embed(encoder, [text for column in columns for text in column]).split(len(batch))
+    labels = None
+    if objective.examples.scores is not None:
+        labels = torch.tensor([objective.examples.scores[i] for i in batch], dtype=torch.float32,
+                              device=encoder.device)
+    return objective.loss(list(embeddings), labels, **objective.loss_params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation and saving
+
+
+@dataclass
+class FitResult:
+    losses: list[dict] = field(default_factory=list)  # one per objective and step: epoch, step, objective, loss, lr
+    evaluations: list[dict] = field(default_factory=list)  # epoch, steps, the 8 figures, score
+    best_score: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def evaluate(encoder: SentenceEncoder, modules: list[nn.Module], pairs, output: Path | None, name: str,
+             epoch: int, steps: int) -> dict:
+    """The 8 STS figures in eval mode (as sentence-transformers' evaluator encodes), one CSV row."""
+    for m in modules:
+        m.eval()
+    with torch.no_grad():  # the packed path's fused q/k/v weights are copies: rebuild them from the trained ones
+        encoder.fast = encoder.fast
+    figures = evaluate_sts(encoder, pairs.sentences1, pairs.sentences2, pairs.scores)
+    for m in modules:
+        m.train()
+    row = {"epoch": epoch, "steps": steps, **{k: figures[k] for k in METRICS}}
+    row["score"] = max(figures[k] for k in METRICS if k.endswith("_spearman"))
+    if output is not None:
+        path = output / "eval" / f"similarity_evaluation_{name}_results.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["epoch", "steps", *METRICS])
+            writer.writerow([epoch, steps, *(figures[k] for k in METRICS)])
+    return row
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fit loop
+
+
+def fit(encoder: SentenceEncoder, recipe: Recipe, output: str | Path | None = None, seed: int | None = None,
+        progress: bool = True) -> FitResult:
+    """Train ``encoder`` in place with ``recipe``; write the model, the evaluation CSV and the loss log into
+    ``output`` (None: write nothing). Returns the losses and evaluations."""
+    seed = recipe.seed if seed is None else seed
+    rng = random.Random(seed)  # data: KorNLI's partner draws, shuffles
+    torch.manual_seed(seed)  # dropout
+    output = Path(output) if output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    if recipe.max_seq_length is not None:
+        encoder.max_seq_length = recipe.max_seq_length
+    objectives = build_tasks(recipe, rng)
+    pairs = read_sts(recipe.evaluator) if recipe.evaluator is not None else None
+    eval_name = recipe.evaluator.stem if recipe.evaluator is not None else ""
+    cfg = recipe.fit
+
+    # The trainable modules: the transformer and any Dense after the pooling. The loader hands them
+    # over frozen and in eval mode; training turns gradients and dropout on.
+    modules = [encoder.model, *encoder.dense]
+    for m in modules:
+        m.train().requires_grad_(True)
+    params = [p for m in modules for p in m.parameters()]
+
+    steps_per_epoch = cfg.steps_per_epoch or min(len(o.batches) for o in objectives)
+    total = steps_per_epoch * cfg.epochs
+    optimizers = [adamw(modules, cfg) for _ in objectives]
+    schedulers = [schedule(opt, cfg, total) for opt in optimizers]
+    streams = [iter(o.batches) for o in objectives]
+
+    device = encoder.device
+    amp_dtype, scaler = None, None
+    if cfg.use_amp and device.type == "cuda":
+        amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
+    elif cfg.use_amp and native_bf16():
+        amp_dtype = torch.bfloat16
+    elif cfg.use_amp:
+        log.warning("use_amp: this CPU has no native bf16 (AVX512_BF16 or AMX); training in float32")
+
+    result = FitResult()
+    loss_log = open(output / "train_loss.csv", "w", newline="", encoding="utf-8") if output is not None else None
+    if loss_log is not None:
+        csv.writer(loss_log).writerow(["epoch", "step", "objective", "loss", "lr"])
+    bar = tqdm(total=total, desc="Training", unit="step", disable=not progress)
+    start = time.perf_counter()
+    step = 0
+    try:
+        for epoch in range(cfg.epochs):
+            for epoch_step in range(1, steps_per_epoch + 1):
+                step += 1
+                for k, objective in enumerate(objectives):
+                    optimizer, scheduler = optimizers[k], schedulers[k]
+                    lr = scheduler.get_last_lr()[0]
+                    batch = next(streams[k])
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = batch_loss(encoder, objective, batch)
+                    skip_scheduler = False
+                    if scaler is not None:
+                        scale = scaler.get_scale()
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                        scaler.step(optimizer)  # skipped if any gradient is inf or NaN
+                        scaler.update()
+                        skip_scheduler = scaler.get_scale() != scale  # old_fit's test for a skipped step
+                    else:
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad()
+                    if not skip_scheduler:
+                        scheduler.step()
+                    record = {"epoch": epoch, "step": step, "objective": k, "loss": loss.item(), "lr": lr}
+                    result.losses.append(record)
+                    if loss_log is not None:
+                        csv.writer(loss_log).writerow(record.values())
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.losses[-1]['loss']:.4f}")
+                if pairs is not None and cfg.evaluation_steps and epoch_step % cfg.evaluation_steps == 0:
+                    check_best(encoder, modules, pairs, output, eval_name, epoch, epoch_step, cfg, result)
+            if pairs is not None:
+                check_best(encoder, modules, pairs, output, eval_name, epoch, -1, cfg, result)
+            if loss_log is not None:
+                loss_log.flush()
+    finally:
+        bar.close()
+        if loss_log is not None:
+            loss_log.close()
+        for m in modules:
+            m.eval().requires_grad_(False)
+        encoder.fast = encoder.fast  # rebuild the packed path from the trained weights
+    result.steps, result.seconds = step, time.perf_counter() - start
+    if pairs is None and output is not None:
+        encoder.save(output)
+    return result
+
+
+def check_best(encoder, modules, pairs, output, name, epoch, steps, cfg, result) -> None:
+    """Evaluate; save the model when its score beats the best so far (old_fit's ``_eval_during_training``)."""
+    row = evaluate(encoder, modules, pairs, output, name, epoch, steps)
+    result.evaluations.append(row)
+    log.info("epoch %d, steps %d: cosine Spearman %.4f, score %.4f", epoch, steps, row["cosine_spearman"], row["score"])
+    if result.best_score is None or row["score"] > result.best_score:
+        result.best_score = row["score"]
+        if cfg.save_best_model and output is not None:
+            for m in modules:
+                m.eval()
+            encoder.save(output)
+            for m in modules:
+                m.train()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="model folder, short name from weights/models.json (e.g. all-MiniLM-L6-v2), or hub id")
+    parser.add_argument("--recipe", required=True, help="recipe JSON (see recipes/ and docs/training.md)")
+    parser.add_argument("--output", required=True, help="new or empty folder for the trained model and logs")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, help="random seed for data order and dropout (None: the recipe's seed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything checkable fails before the model loads: device, recipe keys, data files, output folder.
+    device = check_device(args.device)
+    recipe = read_recipe(args.recipe)
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output}: exists and is not an empty folder")
+    encoder = SentenceEncoder.from_pretrained(args.model, device=device)
+    result = fit(encoder, recipe, output, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"{result.steps} steps in {result.seconds:.0f} s; model, eval/ and train_loss.csv in {output}",
+          file=sys.stderr)
+    if result.best_score is not None:
+        print(f"best score (max Spearman) {result.best_score:.4f}", file=sys.stderr)
+    return 0
