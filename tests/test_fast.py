@@ -435,6 +435,7 @@ def test_respects_torch_threads(tiny_models):
 # Benchmark smoke test and GPU
 
 
+@pytest.mark.slow  # a subprocess that loads torch, sentence-transformers and three systems: ~6 s on 2 free cores
 def test_bench_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--model", "random-bert", "--tiny",
