@@ -23,6 +23,7 @@ from minisbert.errors import ConfigError
 from minisbert.fast import PackedRunner, fast_forward, to_device
 from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
 from minisbert.loading import Loaded, load
+from minisbert.models import ARCHITECTURES
 from minisbert.runner import ReferenceRunner, guard_forked_children
 from minisbert.tokenizer import check_texts, clean_text
 from minisbert.trace import trace as trace_sentences
@@ -39,7 +40,8 @@ class SentenceEncoder:
     def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None):
         self.folder = folder  # what the model folder says (modules, pooling, settings, files)
         self.source = str(folder.root)
-        self.arch = loaded.arch
+        # The architecture by name (``arch`` looks the module up): a module object cannot be pickled.
+        self.model_type = next(name for name, module in ARCHITECTURES.items() if module is loaded.arch)
         self.model = loaded.model
         self.dense = loaded.dense  # minisbert.dense.Dense modules, applied to the pooled embedding
         self.tokenizer = loaded.tokenizer
@@ -67,7 +69,26 @@ class SentenceEncoder:
         folder = read_folder(hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir))
         return cls(folder, load(folder, device=device, dtype=dtype), fast=fast)
 
+    # -- copying and pickling ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # The packed runner holds oneDNN's prepacked weights (opaque tensors that neither pickle nor
+        # copy) and caches; it is rebuilt from the copied model instead, with the same setting.
+        state = dict(self.__dict__, _packed=None)
+        state["_fast_setting"] = self._packed is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        fast = state.pop("_fast_setting")
+        self.__dict__.update(state)
+        self.fast = fast
+
     # -- properties --------------------------------------------------------------------------------
+
+    @property
+    def arch(self):
+        """The architecture's module in ``minisbert.models`` (``bert``, ``roberta``, ``deberta_v2``)."""
+        return ARCHITECTURES[self.model_type]
 
     @property
     def device(self) -> torch.device:
