@@ -25,6 +25,7 @@ from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, re
 from minisbert.loading import Loaded, load
 from minisbert.models import ARCHITECTURES
 from minisbert.runner import ReferenceRunner, guard_forked_children
+from minisbert.save import save as save_folder
 from minisbert.tokenizer import check_texts, clean_text
 from minisbert.trace import trace as trace_sentences
 
@@ -45,6 +46,7 @@ class SentenceEncoder:
         self.model = loaded.model
         self.dense = loaded.dense  # minisbert.dense.Dense modules, applied to the pooled embedding
         self.tokenizer = loaded.tokenizer
+        self.pooling = folder.pooling  # PoolingConfig: modes and include_prompt
         self.max_tokens = loaded.max_tokens  # the position table's limit on max_seq_length
         self.max_seq_length = loaded.max_seq_length
         # sentence-transformers' attributes of the same names, from config_sentence_transformers.json.
@@ -270,6 +272,16 @@ class SentenceEncoder:
         if name in ("euclidean", "manhattan"):
             return -torch.cdist(a, b, p=2.0 if name == "euclidean" else 1.0)
         raise ValueError(f"similarity_fn_name={name!r} is not one of {SIMILARITY_FUNCTIONS}")
+
+    def save(self, path: str | os.PathLike, model_name: str | None = None, create_model_card: bool = True,
+             train_datasets: list[str] | None = None, safe_serialization: bool = True) -> None:
+        """Write the encoder as a sentence-transformers model folder (``minisbert/save.py``): what
+        ``SentenceTransformer(path)`` and ``SentenceEncoder.from_pretrained(path)`` load with the same
+        embeddings, with the current weights, dtype, ``max_seq_length``, prompts and settings."""
+        save_folder(self, path, model_name=model_name, create_model_card=create_model_card,
+                    train_datasets=train_datasets, safe_serialization=safe_serialization)
+
+    save_pretrained = save
 
     def trace(self, sentences: str | list[str], batch_size: int = 8, normalize_embeddings: bool = False) -> list:
         """Per-sentence ``minisbert.trace.Trace``: tokens, every layer's states, attention maps (and
