@@ -23,7 +23,9 @@ from minisbert.errors import ConfigError
 from minisbert.fast import PackedRunner, fast_forward, to_device
 from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
 from minisbert.loading import Loaded, load
+from minisbert.models import ARCHITECTURES
 from minisbert.runner import ReferenceRunner, guard_forked_children
+from minisbert.save import save as save_folder
 from minisbert.tokenizer import check_texts, clean_text
 from minisbert.trace import trace as trace_sentences
 
@@ -39,10 +41,12 @@ class SentenceEncoder:
     def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None):
         self.folder = folder  # what the model folder says (modules, pooling, settings, files)
         self.source = str(folder.root)
-        self.arch = loaded.arch
+        # The architecture by name (``arch`` looks the module up): a module object cannot be pickled.
+        self.model_type = next(name for name, module in ARCHITECTURES.items() if module is loaded.arch)
         self.model = loaded.model
         self.dense = loaded.dense  # minisbert.dense.Dense modules, applied to the pooled embedding
         self.tokenizer = loaded.tokenizer
+        self.pooling = folder.pooling  # PoolingConfig: modes and include_prompt
         self.max_tokens = loaded.max_tokens  # the position table's limit on max_seq_length
         self.max_seq_length = loaded.max_seq_length
         # sentence-transformers' attributes of the same names, from config_sentence_transformers.json.
@@ -67,7 +71,26 @@ class SentenceEncoder:
         folder = read_folder(hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir))
         return cls(folder, load(folder, device=device, dtype=dtype), fast=fast)
 
+    # -- copying and pickling ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # The packed runner holds oneDNN's prepacked weights (opaque tensors that neither pickle nor
+        # copy) and caches; it is rebuilt from the copied model instead, with the same setting.
+        state = dict(self.__dict__, _packed=None)
+        state["_fast_setting"] = self._packed is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        fast = state.pop("_fast_setting")
+        self.__dict__.update(state)
+        self.fast = fast
+
     # -- properties --------------------------------------------------------------------------------
+
+    @property
+    def arch(self):
+        """The architecture's module in ``minisbert.models`` (``bert``, ``roberta``, ``deberta_v2``)."""
+        return ARCHITECTURES[self.model_type]
 
     @property
     def device(self) -> torch.device:
@@ -249,6 +272,16 @@ class SentenceEncoder:
         if name in ("euclidean", "manhattan"):
             return -torch.cdist(a, b, p=2.0 if name == "euclidean" else 1.0)
         raise ValueError(f"similarity_fn_name={name!r} is not one of {SIMILARITY_FUNCTIONS}")
+
+    def save(self, path: str | os.PathLike, model_name: str | None = None, create_model_card: bool = True,
+             train_datasets: list[str] | None = None, safe_serialization: bool = True) -> None:
+        """Write the encoder as a sentence-transformers model folder (``minisbert/save.py``): what
+        ``SentenceTransformer(path)`` and ``SentenceEncoder.from_pretrained(path)`` load with the same
+        embeddings, with the current weights, dtype, ``max_seq_length``, prompts and settings."""
+        save_folder(self, path, model_name=model_name, create_model_card=create_model_card,
+                    train_datasets=train_datasets, safe_serialization=safe_serialization)
+
+    save_pretrained = save
 
     def trace(self, sentences: str | list[str], batch_size: int = 8, normalize_embeddings: bool = False) -> list:
         """Per-sentence ``minisbert.trace.Trace``: tokens, every layer's states, attention maps (and
