@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from minisbert import hub
 from minisbert.errors import ConfigError
-from minisbert.fast import PackedRunner, fast_forward, to_device
+from minisbert.fast import PackedRunner, check_quantize, fast_forward, to_device
 from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
-from minisbert.loading import Loaded, load
+from minisbert.loading import Loaded, check_device, load, parse_dtype
 from minisbert.models import ARCHITECTURES
 from minisbert.runner import ReferenceRunner, guard_forked_children
 from minisbert.save import save as save_folder
@@ -38,7 +38,7 @@ PLAN_CHUNK = 4096
 class SentenceEncoder:
     """Sentence embeddings from a BERT, RoBERTa or DeBERTa-v2 sentence-transformers checkpoint."""
 
-    def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None):
+    def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None, quantize: str | None = None):
         self.folder = folder  # what the model folder says (modules, pooling, settings, files)
         self.source = str(folder.root)
         # The architecture by name (``arch`` looks the module up): a module object cannot be pickled.
@@ -55,21 +55,28 @@ class SentenceEncoder:
         self.similarity_fn_name = folder.settings.similarity_fn_name
         self.truncate_dim = folder.settings.truncate_dim
         self._reference = ReferenceRunner(self.model, self.tokenizer.pad_id, folder.pooling.modes, self.max_tokens)
+        self._quantize = check_quantize(quantize, self.device, self.dtype)
+        self._said_hooks = False  # the warning that hooks turn int8 off, given once
         self.fast = fast
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, revision: str | None = None,
                         token: str | bool | None = None, cache_dir: str | None = None,
-                        fast: bool | None = None) -> "SentenceEncoder":
+                        fast: bool | None = None, quantize: str | None = None) -> "SentenceEncoder":
         """Load a local folder (sentence-transformers or plain Hugging Face layout), a short name
         from ``weights/models.json``, or a hub id (downloaded with ``huggingface_hub``).
 
         ``fast``: run the packed fast path of ``minisbert.fast`` (True), the reference model forward
-        (False), or choose automatically (None: fast where supported, unless ``MINISBERT_FAST=0``)."""
+        (False), or choose automatically (None: fast where supported, unless ``MINISBERT_FAST=0``).
+
+        ``quantize="int8"``: run the transformer's linear layers in int8 (CPU, float32 model, fast path):
+        faster and **inexact** (cosine to the fp32 embedding >= 0.99; see docs/performance.md). Never on
+        unless asked for here."""
         guard_forked_children()  # loading already uses torch's thread pool
+        check_quantize(quantize, check_device(device), parse_dtype(dtype))  # before seconds of loading
         folder = read_folder(hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir))
-        return cls(folder, load(folder, device=device, dtype=dtype), fast=fast)
+        return cls(folder, load(folder, device=device, dtype=dtype), fast=fast, quantize=quantize)
 
     # -- copying and pickling ------------------------------------------------------------------------
 
@@ -138,17 +145,31 @@ class SentenceEncoder:
     @fast.setter
     def fast(self, value: bool | None) -> None:
         if value is None:
-            value = os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
-        # Built once per setting; the fused q/k/v weights are copies, so set it again after editing weights.
-        forward = fast_forward(self.model) if value else None
+            value = self._quantize is not None or \
+                os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
+        # Built once per setting; the fused q/k/v (and int8) weights are copies, so set it again after
+        # editing weights.
+        forward = fast_forward(self.model, quantize=self._quantize) if value else None
+        if forward is None and self._quantize:
+            why = "fast=False turns off" if not value else f"this model ({type(self.model).__name__}) lacks"
+            raise ValueError(f"quantize={self._quantize!r} runs on the fast path, which {why}")
         self._packed = None if forward is None else \
             PackedRunner(forward, self.tokenizer.pad_id, self.folder.pooling.modes, self.max_tokens)
+
+    @property
+    def quantize(self) -> str | None:
+        """``"int8"`` when the linear layers run quantized (set at ``from_pretrained``), else None: exact."""
+        return self._quantize
 
     @property
     def runner(self) -> ReferenceRunner | PackedRunner:
         """What ``encode`` runs: the packed path when it is on, the reference forward when it is off or
         any hook is attached (hooks see the reference modules, which the packed path does not call)."""
         if self._packed is None or has_hooks(self.model):
+            if self._packed is not None and self._quantize and not self._said_hooks:
+                log.warning("forward hooks are attached: encode runs the exact float32 reference path, "
+                            "not quantize=%r, while they are", self._quantize)
+                self._said_hooks = True
             return self._reference
         return self._packed
 
