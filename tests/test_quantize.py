@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import KORSTS, corpus, make_checkpoint
+from conftest import corpus, make_checkpoint, require_shared_data
 
 from minisbert import SentenceEncoder, cli, fast
 
@@ -123,9 +123,7 @@ def test_minilm_int8_cosine_to_fp32(minilm_path, monkeypatch):
 @needs_int8
 @pytest.mark.slow  # 2 x 2 x 1379 KorSTS sentences
 def test_minilm_int8_korsts_spearman_within_half_a_point(minilm_path):
-    path = KORSTS / "sts-test.tsv"
-    if not path.is_file():
-        pytest.skip(f"needs {path}")
+    path = require_shared_data("korsts/sts-test.tsv")
     from minisbert.sts import evaluate_sts, read_sts
 
     data = read_sts(path)
