@@ -2,12 +2,12 @@
 
     python scripts/cold_start.py --model all-MiniLM-L6-v2 --runs 5 [--tree OTHER_CHECKOUT ...]
 
-Each run is a fresh ``python -m minisbert encode --model M "..."`` process; runs of every variant are
-interleaved (machines here are shared and noisy) and the medians printed. ``--tree`` adds another
-checkout of minisbert (e.g. an older commit in a git worktree) as a variant, imported through
-PYTHONPATH. The throughput part encodes ``--texts`` sentences in a fresh process per variant, with
-``OMP_WAIT_POLICY`` unset and set to PASSIVE, so a default that helps the cold start can be checked
-for what it costs on long runs.
+Each run is a fresh ``python -m minisbert encode --model M "..."`` process; runs of every variant
+are interleaved (machines here are shared and noisy) and the medians printed. ``--tree`` adds
+another checkout of minisbert (e.g. an older commit in a git worktree) as a variant: its processes
+run in that folder, so ``python -m minisbert`` imports that checkout's package. The throughput part
+encodes ``--texts`` sentences in a fresh process per variant, with ``OMP_WAIT_POLICY`` unset and set
+to PASSIVE, so a default that helps the cold start can be checked for what it costs on long runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 THROUGHPUT = """
 import sys, time, minisbert
-texts = [f"{i}번째 문장은 코퍼스 임베딩의 속도를 재기 위한 것입니다. sentence number {i}." for i in range(int(sys.argv[2]))]
+n = int(sys.argv[2])
+texts = [f"{i}번째 문장은 코퍼스 임베딩의 속도를 재기 위한 것입니다. sentence number {i}." for i in range(n)]
 e = minisbert.SentenceEncoder.from_pretrained(sys.argv[1])
 e.encode(texts[:64])
 t = time.perf_counter(); e.encode(texts); print(len(texts) / (time.perf_counter() - t))
@@ -33,7 +34,7 @@ t = time.perf_counter(); e.encode(texts); print(len(texts) / (time.perf_counter(
 
 def run(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=env["PYTHONPATH"])
     return time.perf_counter() - start
 
 
@@ -54,7 +55,7 @@ def main() -> None:
         variants[f"{name}, OMP_WAIT_POLICY=PASSIVE"] = dict(env, OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "minisbert", "encode", "--model", args.model, "첫 문장을 임베딩한다"]
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, env in variants.items():  # warm the page cache once
+    for env in variants.values():  # warm the page cache once
         run(cmd, env)
     for _ in range(args.runs):
         for name, env in variants.items():
@@ -67,8 +68,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in variants if name.startswith("this tree")}
     for _ in range(max(2, args.runs // 2)):
         for name in rates:
-            out = subprocess.run([sys.executable, "-c", THROUGHPUT, args.model, str(args.texts)],
-                                 env=variants[name], check=True, capture_output=True, text=True).stdout
+            out = subprocess.run([sys.executable, "-c", THROUGHPUT, args.model, str(args.texts)], env=variants[name],
+                                 check=True, capture_output=True, text=True, cwd=variants[name]["PYTHONPATH"]).stdout
             rates[name].append(float(out.strip().splitlines()[-1]))
     for name, rs in rates.items():
         print(f"  {statistics.median(rs):7.1f}  (all: {', '.join(f'{r:.1f}' for r in rs)})  {name}")

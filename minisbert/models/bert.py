@@ -28,11 +28,23 @@ from torch import nn
 
 from minisbert.errors import ConfigError
 
-# hidden_act values we implement; everything else is refused by the config.
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU: what every target checkpoint uses."""
+    return F.gelu(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (``gelu_new``, ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# hidden_act values we implement; everything else is refused by the config. Module-level functions,
+# not lambdas, so that a model (and an encoder holding it) pickles and deep-copies.
 ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact erf GELU: what every target checkpoint uses
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
 }
 
