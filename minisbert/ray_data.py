@@ -115,7 +115,9 @@ def set_threads(threads: int | None) -> None:
 
 class PartWorker:
     """The engine's ``map_batches`` callable class: one encoder per actor; each input row names a part,
-    which the actor reads, embeds and writes (``corpus.do_part``). Returns one row per part."""
+    which the actor reads, embeds and writes (``corpus.do_part``). Returns one row per part: its rows
+    written and skipped, and the CorpusError's message (a bad row) if it failed: returned as data,
+    because Ray hands the driver only the text of an exception raised in an actor."""
 
     def __init__(self, job: Job, batch_size: int, device: str, threads: int | None):
         set_threads(threads)
@@ -123,13 +125,20 @@ class PartWorker:
         self.encoder = load_encoder(job.settings, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        written, skipped = [], []
+        written, skipped, errors = [], [], []
         for source, index, first_row, rows in zip(batch["source"], batch["index"], batch["first_row"], batch["rows"]):
             part = Part(int(source), int(index), int(first_row), int(rows))
-            n, bad = do_part(self.job, part, self.encoder, self.batch_size)
+            try:
+                n, bad = do_part(self.job, part, self.encoder, self.batch_size)
+            except CorpusError as e:
+                n, bad = 0, 0
+                errors.append(str(e))
+            else:
+                errors.append("")
             written.append(n)
             skipped.append(bad)
-        return {"rows": np.array(written, dtype=np.int64), "bad": np.array(skipped, dtype=np.int64)}
+        return {"rows": np.array(written, dtype=np.int64), "bad": np.array(skipped, dtype=np.int64),
+                "error": np.array(errors, dtype=object)}
 
 
 def default_threads(ray, workers: int) -> int:
@@ -155,32 +164,18 @@ def run_ray(job: Job, batch_size: int = 32, workers: int = 1, device: str = "cpu
     try:
         if todo:
             ds = ray.data.from_items([asdict(p) for p in todo], override_num_blocks=len(todo))
-            ds = ds.map_batches(PartWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-                                num_cpus=threads,
+            pool = ray.data.ActorPoolStrategy(size=min(workers, len(todo)))
+            ds = ds.map_batches(PartWorker, batch_size=1, compute=pool, num_cpus=threads,
                                 num_gpus=1 if device.startswith("cuda") else 0,
                                 fn_constructor_kwargs={"job": job, "batch_size": batch_size, "device": device,
                                                        "threads": threads})
             for row in ds.iter_rows():
+                if row["error"]:
+                    raise CorpusError(row["error"])
                 bar.update(int(row["rows"]) + int(row["bad"]))
-    except Exception as e:
-        cause = corpus_error(e)
-        if cause is None:
-            raise
-        raise CorpusError(str(cause)) from None
     finally:
         bar.close()
     return finish(job)
-
-
-def corpus_error(e: BaseException) -> CorpusError | None:
-    """The CorpusError (a bad row, say) inside the exceptions Ray wraps an actor's error in."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e) is CorpusError:
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-    return None
 
 
 def embed_corpus(inputs: list[str], output: str, settings: Settings, *, resume: bool = False, batch_size: int = 32,
