@@ -76,7 +76,9 @@ def model_path(name: str) -> str:
 
         tiny = name.endswith("-tiny")
         return str(build_random(name.removesuffix("-tiny"), 128, tiny=tiny))
-    return name
+    from minisbert import hub
+
+    return str(hub.resolve(name))  # a folder, which sentence-transformers loads too
 
 
 def cpu_name() -> str:

@@ -257,3 +257,25 @@ def test_resume_after_a_killed_run_redoes_only_missing_parts(tmp_path, model, en
     run([src], tmp_path / "whole", model, encoder, rows_per_part=20, batch_size=4)
     assert np.array_equal(emb, read_output(tmp_path / "whole")[1])
     assert json.loads((out / MANIFEST).read_text())["complete"] is True
+
+
+def test_cli_checks_inputs_and_folder_before_loading(tmp_path, capsys):
+    """Wrong inputs or a used folder are one-line errors before the model (here: none) is looked up."""
+    from minisbert.cli import main
+
+    (tmp_path / "a.xml").write_text("<x/>")
+    assert main(["embed-corpus", "--model", "no-such-model", "--input", str(tmp_path / "a.xml"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "a.xml: unknown input format '.xml'" in capsys.readouterr().err
+    assert main(["embed-corpus", "--model", "no-such-model", "--input", str(tmp_path / "none.jsonl"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "none.jsonl: no such file" in capsys.readouterr().err
+    src = write_input(tmp_path / "a.csv", ["가", "나"])
+    assert main(["embed-corpus", "--model", "no-such-model", "--input", str(src), "--text-column", "body",
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "a.csv: no column 'body' (it has 'text')" in capsys.readouterr().err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "part-00000-000000.parquet").write_bytes(b"")
+    assert main(["embed-corpus", "--model", "no-such-model", "--input", str(src), "--output",
+                 str(tmp_path / "used")]) == 2
+    assert "holds part files but no _manifest.json" in capsys.readouterr().err
