@@ -24,8 +24,8 @@ Guarantees, and how:
   while running, in the manifest at the end.
 
 The default id is the row's position in the inputs taken one after the other (0-based; skipped rows
-keep their positions). The local engine is ``run_local`` (one process, or several through the
-encoder's multi-process pool); ``minisbert.ray_data`` runs the same parts on a Ray cluster.
+keep their positions). The local engine is ``run_local`` (this process, or worker processes that
+each embed whole parts); ``minisbert.ray_data`` runs the same parts on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing as mp
 import os
+import queue
 import socket
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from minisbert import __version__
@@ -219,6 +222,8 @@ def plan_source(index: int, path: str, rows_per_part: int, first_id: int, text_c
     info = p.stat()
     src = Source(index, str(p), fmt, info.st_size, info.st_mtime_ns, first_id=first_id)
     wanted = [text_column] + ([id_column] if id_column else [])
+    if fmt == "text" and id_column:
+        raise CorpusError(f"{p}: a plain-text input has no columns, so no --id-column {id_column!r}")
     if fmt == "parquet":
         pa = pyarrow()
         meta = pa.parquet.ParquetFile(p).metadata
@@ -422,13 +427,11 @@ def load_encoder(settings: Settings, device: str = "cpu") -> SentenceEncoder:
 
 
 def embed_texts(encoder: SentenceEncoder, texts: list[str], batch_size: int = 32, normalize: bool = False,
-                precision: str = "float32", ranges=None, pool=None) -> np.ndarray:
-    """``encode`` on one part's texts (through the multi-process ``pool`` when given), then quantized to
-    ``precision`` with the given (2, D) ``ranges`` for int8/uint8: the one place every engine embeds."""
+                precision: str = "float32", ranges=None) -> np.ndarray:
+    """``encode`` on one part's texts, then quantized to ``precision`` with the given (2, D) ``ranges``
+    for int8/uint8: the one place every engine embeds."""
     if texts:
-        kwargs = {"pool": pool} if pool is not None else {}
-        emb = encoder.encode(texts, batch_size=batch_size, normalize_embeddings=normalize, show_progress_bar=False,
-                             **kwargs)
+        emb = encoder.encode(texts, batch_size=batch_size, normalize_embeddings=normalize, show_progress_bar=False)
     else:
         emb = np.zeros((0, encoder.get_sentence_embedding_dimension()), dtype=np.float32)
     if precision == "float32":
@@ -481,10 +484,10 @@ def part_written(job: Job, part: Part) -> tuple[int, list[dict]] | None:
     return (meta.num_rows, bad) if meta.num_rows + len(bad) == part.rows else None
 
 
-def do_part(job: Job, part: Part, encoder: SentenceEncoder, batch_size: int, pool=None) -> tuple[int, int]:
+def do_part(job: Job, part: Part, encoder: SentenceEncoder, batch_size: int) -> tuple[int, int]:
     """Read, embed and write one part; (rows written, rows skipped)."""
     rows, s = read_part(job, part), job.settings
-    emb = embed_texts(encoder, rows.texts, batch_size, s.normalize, s.precision, job.ranges, pool)
+    emb = embed_texts(encoder, rows.texts, batch_size, s.normalize, s.precision, job.ranges)
     write_part(job, part, rows, emb)
     return len(rows.ids), len(rows.bad)
 
@@ -601,20 +604,83 @@ def progress_bar(job: Job, done: int, show: bool | None):
 
 def run_local(job: Job, encoder: SentenceEncoder, batch_size: int = 32, workers: int = 1,
               show_progress: bool | None = None) -> dict:
-    """Embed the parts not yet written, one after the other, in this process (``workers=1``) or through
-    the encoder's multi-process pool of ``workers`` processes; then ``finish``."""
+    """Embed the parts not yet written: one after the other in this process with ``encoder``
+    (``workers=1``), or by ``workers`` worker processes (``part_worker``); then ``finish``."""
     todo = [p for p in job.parts() if part_written(job, p) is None]
     bar = progress_bar(job, job.rows - sum(p.rows for p in todo), show_progress)
-    pool = encoder.start_multi_process_pool([encoder.device.type] * workers) if workers > 1 else None
     try:
-        for part in todo:
-            do_part(job, part, encoder, batch_size, pool)
-            bar.update(part.rows)
+        if workers == 1:
+            for part in todo:
+                do_part(job, part, encoder, batch_size)
+                bar.update(part.rows)
+        elif todo:
+            for part in run_workers(job, todo, workers, batch_size, str(encoder.device)):
+                bar.update(part.rows)
     finally:
         bar.close()
-        if pool is not None:
-            encoder.stop_multi_process_pool(pool)
     return finish(job)
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_workers(job: Job, todo: list[Part], workers: int, batch_size: int, device: str) -> Iterator[Part]:
+    """The parts of ``todo`` embedded by ``workers`` spawned processes (at most one per part), each with
+    its own encoder and ``cores // workers`` torch threads; yields each part as it is written.
+
+    Spawned, not forked: a forked child inherits torch's OpenMP pool as dead threads and can hang. A
+    worker reads, embeds and writes whole parts, so this process only hands out part numbers: no
+    texts or embeddings cross between processes. A worker's bad-row error stops the job with its
+    message; a worker that dies (killed, out of memory) stops it too, and ``--resume`` goes on."""
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    workers = min(workers, len(todo))
+    threads = max(1, usable_cores() // workers)
+    for i in range(len(todo)):
+        tasks.put(i)
+    for _ in range(workers):
+        tasks.put(None)
+    procs = [ctx.Process(target=part_worker, args=(job, todo, batch_size, device, threads, tasks, results),
+                         daemon=True) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in todo:
+            while True:
+                try:
+                    i, error = results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [p for p in procs if not p.is_alive() and p.exitcode != 0]
+                    if dead:
+                        raise CorpusError(f"a worker process died (exit code {dead[0].exitcode}); the parts written "
+                                          f"are kept: run again with --resume") from None
+            if error:
+                raise CorpusError(error)
+            yield todo[i]
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+
+
+def part_worker(job: Job, todo: list[Part], batch_size: int, device: str, threads: int, tasks, results) -> None:
+    """A worker process: one encoder, then each part number it takes from ``tasks`` until None;
+    reports (part number, error message or "")."""
+    torch.set_num_threads(threads)
+    encoder = load_encoder(job.settings, device)
+    for i in iter(tasks.get, None):
+        try:
+            do_part(job, todo[i], encoder, batch_size)
+            results.put((i, ""))
+        except CorpusError as e:
+            results.put((i, str(e)))
 
 
 def embed_corpus(inputs: list[str], output: str, settings: Settings, *, resume: bool = False, batch_size: int = 32,

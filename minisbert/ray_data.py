@@ -158,6 +158,7 @@ def run_ray(job: Job, batch_size: int = 32, workers: int = 1, device: str = "cpu
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts rows and gives the ETA
+    ctx.print_on_execution_start = False
     threads = threads or default_threads(ray, workers)
     todo = [p for p in job.parts() if part_written(job, p) is None]
     bar = progress_bar(job, job.rows - sum(p.rows for p in todo), show_progress)

@@ -112,6 +112,21 @@ def test_one_part_is_bitwise_encode(tmp_path, model, encoder):
     assert np.array_equal(read_output(tmp_path / "out")[1], ref)
 
 
+def test_worker_processes_write_the_same_parts(tmp_path, model, encoder):
+    """--workers 2: two spawned processes of one thread each, each writing whole parts: the same bits
+    as this process on one thread; a bad row in a worker stops the job with its message."""
+    texts = texts_for("jsonl", 100)
+    src = write_input(tmp_path / "in.jsonl", texts)
+    run([src], tmp_path / "one", model, encoder, rows_per_part=30)
+    done = run([src], tmp_path / "two", model, encoder, rows_per_part=30, workers=2)
+    assert done["complete"] and done["rows_written"] == 100
+    ids, emb = read_output(tmp_path / "two")
+    assert ids == list(range(100)) and np.array_equal(emb, read_output(tmp_path / "one")[1])
+    bad = write_bad_jsonl(tmp_path / "bad.jsonl")
+    with pytest.raises(CorpusError, match=r"bad\.jsonl: row 1 \(line 2\): 'text' is 5, not a string"):
+        run([src, bad], tmp_path / "three", model, encoder, rows_per_part=30, workers=2)
+
+
 def test_several_inputs_positions_and_id_columns(tmp_path, model, encoder):
     a, b = texts_for("jsonl", 30), texts_for("csv", 40)[::-1]
     inputs = [write_input(tmp_path / "a.jsonl", a), write_input(tmp_path / "b.csv", b)]
@@ -279,3 +294,18 @@ def test_cli_checks_inputs_and_folder_before_loading(tmp_path, capsys):
     assert main(["embed-corpus", "--model", "no-such-model", "--input", str(src), "--output",
                  str(tmp_path / "used")]) == 2
     assert "holds part files but no _manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8", "uint8", "binary", "ubinary"])
+def test_quantize_equals_sentence_transformers(precision):
+    from sentence_transformers.quantization import quantize_embeddings as st_quantize
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 36)).astype(np.float32)
+    emb[:, 3] = 0.25  # a zero-width dimension
+    calibration = rng.normal(size=(20, 36)).astype(np.float32)
+    ranges = np.stack([calibration.min(0), calibration.max(0)])  # narrower: values outside are clipped
+    for r in (None, ranges):
+        ours = quantize_embeddings(emb, precision, ranges=r)
+        theirs = st_quantize(emb, precision, ranges=r)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (precision, r is None)
