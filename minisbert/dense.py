@@ -19,10 +19,16 @@ from torch import nn
 
 from minisbert.errors import ConfigError
 
-# The class paths sentence-transformers saves for an activation (``util.fullname``) -> the function.
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# The class paths sentence-transformers saves for an activation (``util.fullname``) -> the function
+# (module-level functions, no lambdas: a Dense module pickles).
 ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": torch.tanh,
-    "torch.nn.modules.linear.Identity": lambda x: x,
+    "torch.nn.modules.linear.Identity": identity,
     "torch.nn.modules.activation.ReLU": F.relu,
     "torch.nn.modules.activation.GELU": F.gelu,
     "torch.nn.modules.activation.Sigmoid": torch.sigmoid,

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from minisbert import hub
 from minisbert.errors import ConfigError
-from minisbert.fast import PackedRunner, fast_forward, to_device
+from minisbert.fast import PackedRunner, check_quantize, fast_forward, to_device
 from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
-from minisbert.loading import Loaded, load
+from minisbert.loading import Loaded, check_device, load, parse_dtype
+from minisbert.models import ARCHITECTURES
 from minisbert.runner import ReferenceRunner, guard_forked_children
+from minisbert.save import save as save_folder
 from minisbert.tokenizer import check_texts, clean_text
 from minisbert.trace import trace as trace_sentences
 
@@ -36,13 +38,15 @@ PLAN_CHUNK = 4096
 class SentenceEncoder:
     """Sentence embeddings from a BERT, RoBERTa or DeBERTa-v2 sentence-transformers checkpoint."""
 
-    def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None):
+    def __init__(self, folder: ModelFolder, loaded: Loaded, fast: bool | None = None, quantize: str | None = None):
         self.folder = folder  # what the model folder says (modules, pooling, settings, files)
         self.source = str(folder.root)
-        self.arch = loaded.arch
+        # The architecture by name (``arch`` looks the module up): a module object cannot be pickled.
+        self.model_type = next(name for name, module in ARCHITECTURES.items() if module is loaded.arch)
         self.model = loaded.model
         self.dense = loaded.dense  # minisbert.dense.Dense modules, applied to the pooled embedding
         self.tokenizer = loaded.tokenizer
+        self.pooling = folder.pooling  # PoolingConfig: modes and include_prompt
         self.max_tokens = loaded.max_tokens  # the position table's limit on max_seq_length
         self.max_seq_length = loaded.max_seq_length
         # sentence-transformers' attributes of the same names, from config_sentence_transformers.json.
@@ -51,23 +55,49 @@ class SentenceEncoder:
         self.similarity_fn_name = folder.settings.similarity_fn_name
         self.truncate_dim = folder.settings.truncate_dim
         self._reference = ReferenceRunner(self.model, self.tokenizer.pad_id, folder.pooling.modes, self.max_tokens)
+        self._quantize = check_quantize(quantize, self.device, self.dtype)
+        self._said_hooks = False  # the warning that hooks turn int8 off, given once
         self.fast = fast
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, revision: str | None = None,
                         token: str | bool | None = None, cache_dir: str | None = None,
-                        fast: bool | None = None) -> "SentenceEncoder":
+                        fast: bool | None = None, quantize: str | None = None) -> "SentenceEncoder":
         """Load a local folder (sentence-transformers or plain Hugging Face layout), a short name
         from ``weights/models.json``, or a hub id (downloaded with ``huggingface_hub``).
 
         ``fast``: run the packed fast path of ``minisbert.fast`` (True), the reference model forward
-        (False), or choose automatically (None: fast where supported, unless ``MINISBERT_FAST=0``)."""
+        (False), or choose automatically (None: fast where supported, unless ``MINISBERT_FAST=0``).
+
+        ``quantize="int8"``: run the transformer's linear layers in int8 (CPU, float32 model, fast path):
+        faster and **inexact** (cosine to the fp32 embedding >= 0.99; see docs/performance.md). Never on
+        unless asked for here."""
         guard_forked_children()  # loading already uses torch's thread pool
+        check_quantize(quantize, check_device(device), parse_dtype(dtype))  # before seconds of loading
         folder = read_folder(hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir))
-        return cls(folder, load(folder, device=device, dtype=dtype), fast=fast)
+        return cls(folder, load(folder, device=device, dtype=dtype), fast=fast, quantize=quantize)
+
+    # -- copying and pickling ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # The packed runner holds oneDNN's prepacked weights (opaque tensors that neither pickle nor
+        # copy) and caches; it is rebuilt from the copied model instead, with the same setting.
+        state = dict(self.__dict__, _packed=None)
+        state["_fast_setting"] = self._packed is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        fast = state.pop("_fast_setting")
+        self.__dict__.update(state)
+        self.fast = fast
 
     # -- properties --------------------------------------------------------------------------------
+
+    @property
+    def arch(self):
+        """The architecture's module in ``minisbert.models`` (``bert``, ``roberta``, ``deberta_v2``)."""
+        return ARCHITECTURES[self.model_type]
 
     @property
     def device(self) -> torch.device:
@@ -115,17 +145,31 @@ class SentenceEncoder:
     @fast.setter
     def fast(self, value: bool | None) -> None:
         if value is None:
-            value = os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
-        # Built once per setting; the fused q/k/v weights are copies, so set it again after editing weights.
-        forward = fast_forward(self.model) if value else None
+            value = self._quantize is not None or \
+                os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
+        # Built once per setting; the fused q/k/v (and int8) weights are copies, so set it again after
+        # editing weights.
+        forward = fast_forward(self.model, quantize=self._quantize) if value else None
+        if forward is None and self._quantize:
+            why = "fast=False turns off" if not value else f"this model ({type(self.model).__name__}) lacks"
+            raise ValueError(f"quantize={self._quantize!r} runs on the fast path, which {why}")
         self._packed = None if forward is None else \
             PackedRunner(forward, self.tokenizer.pad_id, self.folder.pooling.modes, self.max_tokens)
+
+    @property
+    def quantize(self) -> str | None:
+        """``"int8"`` when the linear layers run quantized (set at ``from_pretrained``), else None: exact."""
+        return self._quantize
 
     @property
     def runner(self) -> ReferenceRunner | PackedRunner:
         """What ``encode`` runs: the packed path when it is on, the reference forward when it is off or
         any hook is attached (hooks see the reference modules, which the packed path does not call)."""
         if self._packed is None or has_hooks(self.model):
+            if self._packed is not None and self._quantize and not self._said_hooks:
+                log.warning("forward hooks are attached: encode runs the exact float32 reference path, "
+                            "not quantize=%r, while they are", self._quantize)
+                self._said_hooks = True
             return self._reference
         return self._packed
 
@@ -249,6 +293,16 @@ class SentenceEncoder:
         if name in ("euclidean", "manhattan"):
             return -torch.cdist(a, b, p=2.0 if name == "euclidean" else 1.0)
         raise ValueError(f"similarity_fn_name={name!r} is not one of {SIMILARITY_FUNCTIONS}")
+
+    def save(self, path: str | os.PathLike, model_name: str | None = None, create_model_card: bool = True,
+             train_datasets: list[str] | None = None, safe_serialization: bool = True) -> None:
+        """Write the encoder as a sentence-transformers model folder (``minisbert/save.py``): what
+        ``SentenceTransformer(path)`` and ``SentenceEncoder.from_pretrained(path)`` load with the same
+        embeddings, with the current weights, dtype, ``max_seq_length``, prompts and settings."""
+        save_folder(self, path, model_name=model_name, create_model_card=create_model_card,
+                    train_datasets=train_datasets, safe_serialization=safe_serialization)
+
+    save_pretrained = save
 
     def trace(self, sentences: str | list[str], batch_size: int = 8, normalize_embeddings: bool = False) -> list:
         """Per-sentence ``minisbert.trace.Trace``: tokens, every layer's states, attention maps (and

@@ -30,7 +30,9 @@ Shape legend: B batch, T tokens (padded), N real tokens in the batch, C hidden, 
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 
 import torch
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisbert import kernels
+from minisbert.cpu import cpu_kind
 from minisbert.models.bert import ACTIVATIONS, BertModel, padding_bias
 from minisbert.models.deberta_v2 import DebertaV2Model, RelativePositions, relative_positions
 from minisbert.pooling import pool
@@ -114,6 +117,30 @@ def mkldnn_usable(dtype: torch.dtype = torch.float32) -> bool:
     return True
 
 
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` (bf16 or fp16) GEMMs run natively on this CPU. oneDNN refuses them without AVX-512
+    or AMX; with AVX-512 but without AVX512_BF16 or AMX-BF16 it runs bf16 emulated, several times slower
+    than fp32."""
+    if not mkldnn_usable(dtype):
+        return False
+    return dtype != torch.bfloat16 or cpu_kind().native_bf16 is not False
+
+
+QUANTIZE = ("int8",)
+
+
+def check_quantize(quantize: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
+    """``quantize`` if this model can run it, else a ValueError saying why: int8 runs on the CPU, in float32."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZE} (or None: exact float)")
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError(f"quantize={quantize!r} runs on the CPU with dtype=torch.float32 (weights and "
+                         f"activations are quantized from fp32), not on {device} in {dtype}")
+    return quantize
+
+
 def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     """``aten`` (F.linear) or ``mkldnn``; env ``MINISBERT_LINEAR`` overrides the measured default."""
     choice = os.environ.get("MINISBERT_LINEAR", "").strip().lower()
@@ -130,6 +157,50 @@ def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "aten"
 
 
+# int8 mode (opt-in, inexact): the block's linears on int8 weights and activations, as a backend of
+# ``Linear``. The integer GEMM is exact (int32 sums); the error is the rounding of weights (one scale per
+# output channel) and activations (one scale per token, so a text's rows never depend on its batch).
+# A few input channels of BERT-like models hold outliers (LayerNorm outputs: 5-10x a token's RMS; GELU
+# outputs too), and one outlier sets the whole token's scale. Turning each 64 columns of the input by a
+# Hadamard rotation (and the weight's the same way, so x W^T is unchanged) spreads them over the block:
+# all-MiniLM-L6-v2 on KorSTS, lowest cosine to fp32 0.987 plain, 0.9986 rotated (QuaRot's idea).
+ROTATION = 64
+
+
+@functools.cache
+def onednn_int8_usable() -> bool:
+    """Whether oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise``) runs on this CPU."""
+    try:
+        w = torch.ops.onednn.qlinear_prepack(torch.ones(8, 8, dtype=torch.int8), None)
+        torch.ops.onednn.qlinear_pointwise(torch.ones(2, 8, dtype=torch.int8), 1.0, 0, w, torch.ones(8),
+                                           torch.zeros(8, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                           "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """(n, n) orthonormal Hadamard matrix, n a power of 2 (Sylvester's construction): H = H^T, H H^T = I."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / math.sqrt(n)
+
+
+def rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N, K): x @ blockdiag(h, h, ...), each block of h's size of columns turned by h."""
+    return (x.reshape(-1, h.shape[0]) @ h).view(x.shape)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) int8 q and (N, 1) float32 scales s with x ~ q * s: one symmetric scale per
+    row (a token's activations, or an output channel's weights), the row's max |x| mapped to 127."""
+    s = x.abs().amax(1, keepdim=True).float().clamp_(min=1e-30) / 127  # (N, 1); an all-zero row gives q = 0
+    q = torch.mul(x, 1 / s).round_().to(torch.int8)  # round half to even, |q| <= 127
+    return q, s
+
+
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """(N, K) -> (rows, K) with zero rows appended (x itself when N == rows)."""
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
@@ -138,25 +209,41 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class Linear:
     """y = x W^T + b with the weight prepared once for the chosen backend; ``act`` is fused if it can be."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, act: str | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, act: str | None = None,
+                 rotate_input: bool = False):
         self.backend = backend
         self.act = act
         self.bias = bias
         if backend == "mkldnn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        elif backend == "int8":
+            # ``rotate_input``: each input turned by a block Hadamard rotation before it is quantized (see
+            # ROTATION), the weight's columns the same way once here. Blocks of 64 columns, fewer if K needs.
+            self.rotation = hadamard(math.gcd(weight.shape[1], ROTATION)) if rotate_input else None
+            if self.rotation is not None:
+                weight = rotate(weight, self.rotation)
+            q, scale = quantize_rows(weight)  # (out, in) int8, (out, 1): one scale per output channel
+            self.scale = scale.squeeze(1)  # (out,)
+            self.onednn = onednn_int8_usable()
+            if self.onednn:  # VNNI / AMX-INT8 kernels, weights pre-packed
+                self.weight = torch.ops.onednn.qlinear_prepack(q, None)
+                self.zero = torch.zeros_like(self.scale, dtype=torch.long)
+            else:
+                self.weight = q.t().contiguous()  # (in, out) for torch._int_mm
         else:
             self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        if self.backend == "mkldnn":
+        if self.backend in ("mkldnn", "int8"):
             # oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per
             # batch's token count grew the process by 2.4 GB over 100k texts. Row counts are multiples
             # of ROWS (the packed layout is padded once per forward, ``Packing(rows_multiple=...)``), which
             # bounds the shapes and keeps every GEMM above 1 row, the one count oneDNN rounds differently.
+            run = self._int8 if self.backend == "int8" else self._onednn
             if N % self.ROWS:
-                return self._onednn(pad_rows(x, -(-N // self.ROWS) * self.ROWS))[:N]
-            return self._onednn(x)
+                return run(pad_rows(x, -(-N // self.ROWS) * self.ROWS))[:N]
+            return run(x)
         if N < 16:
             # MKL picks other kernels (other rounding) for a few rows: 1-3, 5-7 and 9-11 rows differ from
             # the same rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX.
@@ -166,6 +253,20 @@ class Linear:
         return ACTIVATIONS[self.act](y) if self.act else y
 
     ROWS = 32
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = rotate(x, self.rotation)
+        q, s = quantize_rows(x)  # (N, K) int8, (N, 1): one scale per token
+        if self.onednn:
+            # int32 sums times the weight's per-channel scales, out in float32; then the token's scale and
+            # the bias in one pass (oneDNN's int8 linear takes one activation scale per tensor, not per row).
+            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.weight, self.scale, self.zero, None, 1.0, 0,
+                                                   torch.float32, "none", [], "")
+        else:
+            y = torch._int_mm(q, self.weight).float().mul_(self.scale)  # (N, out)
+        y = torch.addcmul(self.bias, y, s, out=y) if self.bias is not None else y.mul_(s)
+        return ACTIVATIONS[self.act](y) if self.act else y
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "gelu":
@@ -188,12 +289,15 @@ class PackedBlock:
         qkv_w = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
         qkv_b = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])  # (3C,)
         self.n_head = attn.n_head
-        self.qkv = Linear(qkv_w, qkv_b, backend)
+        # int8: the inputs with outlier channels (LayerNorm and activation outputs) are rotated; the
+        # attention output feeding ``out`` has none (its quantization alone: cosine 0.99985 to fp32).
+        self.qkv = Linear(qkv_w, qkv_b, backend, rotate_input=True)
         self.out = Linear(attn.out.weight, attn.out.bias, backend)
         # oneDNN fuses only exact GELU; other activations run after the GEMM.
         fuse = hidden_act == "gelu" and backend == "mkldnn"
-        self.up = Linear(block.ffn.up.weight, block.ffn.up.bias, backend, act="gelu" if fuse else hidden_act)
-        self.down = Linear(block.ffn.down.weight, block.ffn.down.bias, backend)
+        self.up = Linear(block.ffn.up.weight, block.ffn.up.bias, backend, act="gelu" if fuse else hidden_act,
+                         rotate_input=True)
+        self.down = Linear(block.ffn.down.weight, block.ffn.down.bias, backend, rotate_input=True)
         self.attn_ln, self.ffn_ln = block.attn_ln, block.ffn_ln
 
     def __call__(self, x: torch.Tensor, layout: "Packing", attend) -> torch.Tensor:
@@ -308,19 +412,21 @@ class FastEncoder:
 
     Both take a list of groups, each a right-padded (b, T) ``input_ids`` and ``attention_mask``."""
 
-    def __init__(self, model: nn.Module, backend: str | None = None):
+    def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None):
         p = next(model.parameters())
         self.model = model
         self.device = p.device
-        self.backend = backend or default_linear_backend(p.device, p.dtype)
-        if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) and not mkldnn_usable(p.dtype):
-            log.warning("%s on this CPU has no native kernels (oneDNN needs AVX-512 or AMX for it): "
-                        "expect it to be several times slower than float32", p.dtype)
+        self.quantize = check_quantize(quantize, p.device, p.dtype)
+        self.backend = "int8" if quantize else backend or default_linear_backend(p.device, p.dtype)
+        if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) and not native_half(p.dtype):
+            log.warning("%s on this CPU has no native kernels (%s): expect it to be several times slower "
+                        "than float32; for speed beyond float32 use quantize='int8' (inexact)", p.dtype,
+                        cpu_kind().describe())
         self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act) for b in model.blocks]
         if p.device.type == "cpu":
             raise_mmap_threshold()
         # oneDNN: every GEMM's row count a multiple of Linear.ROWS, padded once per forward.
-        self.rows_multiple = Linear.ROWS if self.backend == "mkldnn" else 1
+        self.rows_multiple = Linear.ROWS if self.backend in ("mkldnn", "int8") else 1
 
     def layout(self, groups: Batch) -> Packing:
         return Packing([mask for _, mask in groups], self.device, self.rows_multiple)
@@ -379,8 +485,8 @@ class FastDebertaV2(FastEncoder):
     CHUNK_BYTES = 8 << 20
     ROUND = 16  # relative-score GEMMs take a multiple of this many table rows
 
-    def __init__(self, model: nn.Module, backend: str | None = None):
-        super().__init__(model, backend)
+    def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None):
+        super().__init__(model, backend, quantize)
         self._relative = {}  # T -> (RelativePositions on the model's device, whether they are a shift)
         self._positions: tuple[tuple, list] | None = None  # (parameter versions, per-block (pos_k, pos_q))
 
@@ -496,15 +602,16 @@ def diagonals(scores: torch.Tensor, b: int, T: int) -> torch.Tensor:
     return scores.as_strided((H, b, T, T), (b * T * W, T * W, W - 1, 1), scores.storage_offset() + T - 1)
 
 
-def fast_forward(model: nn.Module, backend: str | None = None) -> FastEncoder | None:
-    """The packed forward for ``model`` (a reference model from ``minisbert.models``), or None if unsupported."""
+def fast_forward(model: nn.Module, backend: str | None = None, quantize: str | None = None) -> FastEncoder | None:
+    """The packed forward for ``model`` (a reference model from ``minisbert.models``), or None if unsupported;
+    ``quantize="int8"``: its linears in int8 (inexact, opt-in)."""
     if isinstance(model, BertModel):
-        return FastBert(model, backend)
+        return FastBert(model, backend, quantize)
     cfg = model.config
     if isinstance(model, DebertaV2Model) and not cfg.conv_kernel_size and cfg.attention_head_size * \
             cfg.num_attention_heads == cfg.hidden_size:
         # The convolution after block 0 (deberta-v2-xlarge) stays on the reference path.
-        return FastDebertaV2(model, backend)
+        return FastDebertaV2(model, backend, quantize)
     return None
 
 

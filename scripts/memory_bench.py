@@ -20,7 +20,6 @@ import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KORSTS = REPO.parent / "shared" / "data" / "korsts"
 
 
 def peak_rss_mib() -> float:
@@ -34,15 +33,19 @@ def current_rss_mib() -> float:
 
 
 def sentences(n: int) -> list[str]:
-    """``n`` distinct short Korean sentences: KorSTS ones with a running number, or our own."""
+    """``n`` distinct short Korean sentences: KorSTS ones (the shared data as tests/conftest.py finds it,
+    MINISBERT_SHARED_DATA) with a running number, or the tests' generated ones."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import korean_sentences, shared_data
+
     base = []
     for split in ("train", "dev", "test"):
-        path = KORSTS / f"sts-{split}.tsv"
-        if path.is_file():
+        path = shared_data(f"korsts/sts-{split}.tsv")
+        if path is not None:
             with open(path, encoding="utf-8") as f:
                 for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
                     base += [row["sentence1"], row["sentence2"]]
-    base = base or ["오늘 서울의 날씨는 맑고 바람이 조금 분다.", "고양이가 창문 밖의 새를 조용히 바라보고 있다."]
+    base = base or korean_sentences(2000)
     return [f"{base[i % len(base)]} {i}" for i in range(n)]
 
 

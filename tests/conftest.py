@@ -1,5 +1,11 @@
 """Shared fixtures: tiny random checkpoints in sentence-transformers layout, built with transformers,
-with a Korean WordPiece tokenizer trained with ``tokenizers`` on KorSTS (or on our own sentences)."""
+with a Korean WordPiece tokenizer trained with ``tokenizers`` on KorSTS (or on our own sentences).
+
+The shared data (KorSTS, KorNLI) is looked up through ``shared_data()`` only, under the folder named by
+``MINISBERT_SHARED_DATA``: unset, ``../shared/data`` beside the repository; empty or ``none``, hidden, so
+the suite runs as on a user's clone. Without it the tests use Korean text of our own
+(``korean_text.korean_sentences``), and only the tests that need the real files skip, naming them.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,62 @@ import os
 from pathlib import Path
 
 import pytest
+from korean_text import korean_sentences
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-KORSTS = SHARED_DATA / "korsts"
+SHARED_DATA_VARIABLE = "MINISBERT_SHARED_DATA"
+DEFAULT_SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Korean sentences of our own, used when ../shared/data is absent and as part of every test corpus.
+
+def shared_data_root() -> Path | None:
+    """The shared data folder: ``$MINISBERT_SHARED_DATA``, ``../shared/data`` beside the repository when
+    the variable is unset, None when it is empty or ``none`` (the data hidden, as on a user's clone)."""
+    value = os.environ.get(SHARED_DATA_VARIABLE)
+    if value is None:
+        return DEFAULT_SHARED_DATA
+    if value.strip().lower() in ("", "none"):
+        return None
+    return Path(value).expanduser()
+
+
+def shared_data(relpath: str) -> Path | None:
+    """``relpath`` (e.g. ``korsts/sts-test.tsv``) in the shared data, or None when it is absent or hidden.
+    Every lookup of the shared data in the tests and scripts goes through here."""
+    root = shared_data_root()
+    path = root / relpath if root is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def require_shared_data(relpath: str) -> Path:
+    """``shared_data(relpath)``, or skip the test, naming the missing file."""
+    path = shared_data(relpath)
+    if path is None:
+        root = shared_data_root()
+        where = (f"{SHARED_DATA_VARIABLE}={os.environ[SHARED_DATA_VARIABLE]!r} hides the shared data" if root is None
+                 else f"{root / relpath} is absent")
+        pytest.skip(f"needs {relpath} of the shared KorSTS/KorNLI data: {where}")
+    return path
+
+
+def pytest_configure(config):
+    root = shared_data_root()
+    if SHARED_DATA_VARIABLE in os.environ and root is not None and not root.is_dir():
+        # An explicit folder that is not there is a mistake, not a user's clone: say so, do not skip.
+        raise pytest.UsageError(f"{SHARED_DATA_VARIABLE}={root} is not a folder (set it to 'none' to hide the data)")
+
+
+def pytest_report_header(config):
+    root = shared_data_root()
+    if root is None:
+        return f"shared data: hidden by {SHARED_DATA_VARIABLE}={os.environ[SHARED_DATA_VARIABLE]!r}, own Korean text"
+    state = "present" if shared_data("korsts/sts-train.tsv") else "absent, Korean text of our own"
+    return f"shared data: {root} ({state})"
+
+
+# Korean sentences written by hand, part of every test corpus (the generated ones follow them).
 OWN_KOREAN = [
     "안녕하세요?",
     "한국어 문장 임베딩을 위한 버트 모델입니다.",
@@ -61,9 +114,9 @@ SEED_CONFIGS = {
 
 
 def korsts_sentences(split: str = "train", limit: int | None = None) -> list[str]:
-    """sentence1/sentence2 of a KorSTS split (empty list when ../shared/data is absent)."""
-    path = KORSTS / f"sts-{split}.tsv"
-    if not path.is_file():
+    """sentence1/sentence2 of a KorSTS split (empty list when the shared data is absent or hidden)."""
+    path = shared_data(f"korsts/sts-{split}.tsv")
+    if path is None:
         return []
     out = []
     with open(path, encoding="utf-8") as f:
@@ -72,17 +125,36 @@ def korsts_sentences(split: str = "train", limit: int | None = None) -> list[str
     return out[:limit] if limit else out
 
 
+# Our own stand-ins for KorSTS: a training text (about the size of the 5,000 KorSTS sentences the KoBERT
+# fixture trains on) and, from another seed, a pool of test sentences the tokenizers were not trained on.
+GENERATED_TRAIN_SENTENCES = 8000
+GENERATED_TEST_SENTENCES = 3000
+
+
+def korean_training_text(limit: int | None = None) -> list[str]:
+    """Tokenizer training text: KorSTS train sentences when present, our generated sentences otherwise."""
+    return korsts_sentences("train", limit) or korean_sentences(limit or GENERATED_TRAIN_SENTENCES, seed=1)
+
+
+def korean_test_sentences() -> list[str]:
+    """Test sentences: KorSTS test when present, our generated ones (not in the training text) otherwise."""
+    return korsts_sentences("test") or korean_sentences(GENERATED_TEST_SENTENCES, seed=2)
+
+
 def corpus(n: int = 200, seed: int = 0) -> list[str]:
-    """Mixed-length Korean test texts: KorSTS test sentences when present, our own otherwise, plus
-    multi-sentence passages longer than any max_seq_length used in the tests."""
+    """``n`` mixed-length Korean test texts: our hand-written sentences, then KorSTS test sentences when
+    present or generated ones otherwise, ending in three multi-sentence passages longer than any
+    max_seq_length used in the tests."""
     import random
 
     rng = random.Random(seed)
-    base = korsts_sentences("test") or OWN_KOREAN
+    base = korean_test_sentences()
     texts = OWN_KOREAN + rng.sample(base, min(len(base), n))
     passages = [" ".join(rng.sample(base, min(len(base), k))) for k in (8, 20, 40)]
     # Keep the passages: they are what exercises truncation.
-    return texts[: n - len(passages)] + passages if n > len(passages) else texts[:n]
+    out = texts[: n - len(passages)] + passages if n > len(passages) else texts[:n]
+    assert len(out) == n, f"corpus({n}) has only {len(out)} texts"
+    return out
 
 
 def train_korean_wordpiece(specials: list[str], vocab_size: int = 3000):
@@ -97,7 +169,7 @@ def train_korean_wordpiece(specials: list[str], vocab_size: int = 3000):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator((korsts_sentences("train") or OWN_KOREAN * 20) + OWN_KOREAN, trainer=trainer)
+    tok.train_from_iterator(korean_training_text() + OWN_KOREAN, trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",

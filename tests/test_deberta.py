@@ -303,6 +303,7 @@ def test_checkpoint_names_with_heads_prefix_and_strictness(legacy, checkpoint):
 # Base size
 
 
+@pytest.mark.slow  # a 768 x 12 model with a 130000 vocab, built and run twice: ~9 s on 2 free cores
 def test_kf_deberta_base_size_through_encode(tmp_path):
     """kf-deberta's real sizes (768 x 12, 12 heads, 3072 FFN, 130000 vocab), random weights, saved by
     transformers and read back through SentenceEncoder; compared with transformers' mean pooling."""

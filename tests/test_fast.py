@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -345,6 +346,54 @@ def test_fast_selection_auto_env_and_override(tiny_models, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# CPU kind and the bf16 warning
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 167
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16
+
+processor\t: 1
+model name\t: something else
+"""
+
+
+def test_parse_cpuinfo_hand_sized():
+    from minisbert.cpu import CpuKind, parse_cpuinfo
+
+    name, family, model, flags = parse_cpuinfo(CPUINFO)
+    assert (name, family, model) == ("Intel(R) Xeon(R) Processor", 6, 167)
+    assert flags == ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")  # FLAGS' order
+    kind = CpuKind(name, family, model, "AVX512", flags)
+    assert kind.native_bf16 and "family 6 model 167" in kind.describe() and "AMX-INT8" in kind.describe()
+    zen3 = CpuKind("AMD EPYC 7B13", 25, 1, "AVX2", ("avx2",))
+    assert zen3.native_bf16 is False and "int8" in zen3.bf16_advice()
+    assert CpuKind("unknown", None, None, "AVX2", None).native_bf16 is None
+
+
+@pytest.mark.parametrize("flags, warns", [(("avx2", "avx512f"), True), (("avx2", "avx512f", "avx512_bf16"), False),
+                                          (("avx2", "avx512f", "amx_bf16"), False)])
+def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, monkeypatch, caplog):
+    """AVX-512 without AVX512_BF16 or AMX-BF16 runs bf16 emulated: that warns too, not only a CPU where
+    oneDNN refuses bf16."""
+    from minisbert.cpu import CpuKind
+
+    if not fast.mkldnn_usable(torch.bfloat16):
+        pytest.skip("oneDNN refuses bf16 here (that case always warns)")
+    monkeypatch.setattr(fast, "cpu_kind", lambda: CpuKind("test CPU", 6, 85, "AVX512", flags))
+    model = load(tiny_models, "bert", dtype=torch.bfloat16).model
+    with caplog.at_level(logging.WARNING, logger="minisbert"):
+        fast.fast_forward(model)
+    said = [r.message for r in caplog.records if "several times slower" in r.message]
+    assert bool(said) == warns, said
+    if warns:
+        assert "quantize='int8'" in said[0]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Threads and fork
 
 
@@ -435,6 +484,7 @@ def test_respects_torch_threads(tiny_models):
 # Benchmark smoke test and GPU
 
 
+@pytest.mark.slow  # a subprocess that loads torch, sentence-transformers and three systems: ~6 s on 2 free cores
 def test_bench_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--model", "random-bert", "--tiny",
@@ -503,17 +553,20 @@ def test_gpu_compiled_pooling_equals_reference(dtype):
     assert not kernels._COMPILE_FAILED, "torch.compile failed on CUDA (eager fallback was used)"
 
 
-@pytest.mark.parametrize("backend", ["aten", "mkldnn"])
+@pytest.mark.parametrize("backend", ["aten", "mkldnn", "int8"])
 def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm(backend):
-    """A text's packed rows give bitwise the same output alone (few rows) as inside a big batch."""
+    """A text's packed rows give bitwise the same output alone (few rows) as inside a big batch (int8 too:
+    integer sums are exact and every token has its own scale)."""
     from minisbert.fast import Linear
 
     if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
         pytest.skip("oneDNN linear is not available")
+    if backend == "int8" and not fast.onednn_int8_usable():
+        pytest.skip("oneDNN's int8 linear is not available")
     torch.manual_seed(0)
     for n_in, n_out, act in ((768, 768, None), (3072, 768, None), (768, 3072, "gelu")):
         w, b = torch.randn(n_out, n_in), torch.randn(n_out)
-        lin = Linear(w, b, backend, act=act)
+        lin = Linear(w, b, backend, act=act, rotate_input=backend == "int8")
         x = torch.randn(300, n_in)
         full = lin(x)
         for n in (1, 2, 3, 5, 7, 9, 11, 12, 13, 17, 64, 129):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korsts_sentences, single_thread
+from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korean_training_text, single_thread
 
 from minisbert import SentenceEncoder
 from minisbert.errors import MissingDependencyError, ModelNotFoundError
@@ -54,11 +54,12 @@ def kobert_tokenizer(folder):
 
 
 def korean_lines() -> list[str]:
-    """SentencePiece training text: KorSTS train (or our sentences), plus prices written with commas."""
+    """SentencePiece training text: 5,000 KorSTS train sentences (or as many generated ones), plus prices
+    written with commas."""
     rng = random.Random(0)
     prices = [f"가격은 {rng.randrange(1000, 10**8):,}원, 할인가는 {rng.randrange(1000, 10**6):,}원이다."
               for _ in range(400)]
-    return (korsts_sentences("train", limit=5000) or OWN_KOREAN * 20) + OWN_KOREAN + prices
+    return korean_training_text(limit=5000) + OWN_KOREAN + prices
 
 
 def write_kobert_checkpoint(root: Path, vocab_size: int = 2000, seed: int = 0) -> Path:

@@ -49,6 +49,7 @@ def close(a, b, what: str) -> None:
     assert diff <= TOL, f"{what}: max abs diff {diff:.3e}"
 
 
+@pytest.mark.slow  # 14 encodes of 43 texts with MiniLM: ~12 s on 2 free cores, the most of any test left
 def test_prompts_equal_sentence_transformers(minilm_path, tmp_path):
     folder = settings_folder(minilm_path, tmp_path / "m", prompts={"query": "query: ", "passage": "passage: "},
                              default_prompt_name="query")

@@ -13,21 +13,52 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import korean_sentences, require_shared_data, shared_data
 
 from minisbert import sts
 from minisbert.sts import DataFormatError, DataNotFoundError, evaluate_sts, pearson, rankdata, read_sts, spearman
 
 REPO = Path(__file__).resolve().parents[1]
-KORSTS_TEST = REPO.parent / "shared" / "data" / "korsts" / "sts-test.tsv"
+KORSTS_TEST = "korsts/sts-test.tsv"  # in the shared data
+KORSTS_TEST_PAIRS = 1379
 KORSTS_HEADER = "genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2\n"
 EVALUATOR_KEYS = {f"{fn}_{m}": f"{m}_{fn}" for fn in ("cosine", "euclidean", "manhattan", "dot")
                   for m in ("pearson", "spearman")}  # ours -> sentence-transformers' metric name
 
 
 def korsts_test() -> Path:
-    if not KORSTS_TEST.is_file():
-        pytest.skip(f"{KORSTS_TEST} is absent (the shared KorSTS data sits beside the repository)")
-    return KORSTS_TEST
+    """The real KorSTS test set, or skip (for figures that only mean something on it)."""
+    return require_shared_data(KORSTS_TEST)
+
+
+def write_generated_sts(path: Path, pairs: int = KORSTS_TEST_PAIRS, identical: int = 10, seed: int = 4) -> Path:
+    """A KorSTS-format test set of our own Korean sentences: as many pairs as KorSTS test, ``identical`` of
+    them one sentence twice (distance exactly 0, as in KorSTS), some near-copies, gold scores in 0.2 steps
+    with ties, and bare '"' in sentences (which csv's default quoting would take for field quotes)."""
+    rng = np.random.default_rng(seed)
+    sentences = korean_sentences(2 * pairs, seed=seed)
+    rows = []
+    for i in range(pairs):
+        s1, s2 = sentences[2 * i], sentences[2 * i + 1]
+        if i % 29 == 5:
+            s1 = f'"{s1}" 라고 했다.'
+        if i % 31 == 6:
+            s2 = s2.replace(" ", ' "', 1)
+        score = rng.integers(0, 26) / 5
+        if i % (pairs // identical) == 0 and i // (pairs // identical) < identical:
+            s2, score = s1, 5.0
+        elif i % 7 == 3:  # a near-copy: one word dropped
+            words = s1.split()
+            s2 = " ".join(words[:-2] + words[-1:]) if len(words) > 2 else s1 + " 정말"
+        rows.append(f"main-news\tgenerated\t2024\t{i:04d}\t{score:.1f}\t{s1}\t{s2}\n")
+    path.write_text(KORSTS_HEADER + "".join(rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sts_test_file(tmp_path_factory) -> Path:
+    """The KorSTS test set when the shared data is there, a generated one of the same size otherwise."""
+    return shared_data(KORSTS_TEST) or write_generated_sts(tmp_path_factory.mktemp("sts") / "sts-test.tsv")
 
 
 def random_cases(seed: int = 0):
@@ -234,6 +265,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def test_generated_sts_file_keeps_every_row(tmp_path):
+    data = read_sts(write_generated_sts(tmp_path / "sts.tsv"))
+    assert len(data) == len(data.sentences1) == len(data.sentences2) == KORSTS_TEST_PAIRS
+    assert sum(a == b for a, b in zip(data.sentences1, data.sentences2)) == 10
+    assert sum(s.startswith('"') for s in data.sentences1) > 10 and min(data.scores) == 0 and max(data.scores) == 1
+
+
 def test_cli_errors_are_one_line_on_stderr(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text(KORSTS_HEADER + "g\tf\t2012\t1\t2.5\tonly six\n", encoding="utf-8")
@@ -245,25 +283,26 @@ def test_cli_errors_are_one_line_on_stderr(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def minilm_reference(minilm_path):
-    """EmbeddingSimilarityEvaluator on MiniLM and the KorSTS test set, as the cards' figures were made."""
+def minilm_reference(minilm_path, sts_test_file):
+    """EmbeddingSimilarityEvaluator on MiniLM and the KorSTS test set (or our generated one), as the cards'
+    figures were made."""
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-    data = read_sts(korsts_test())
+    data = read_sts(sts_test_file)
     evaluator = EmbeddingSimilarityEvaluator(data.sentences1, data.sentences2, data.scores,
                                              similarity_fn_names=["cosine", "euclidean", "manhattan", "dot"])
     return evaluator(SentenceTransformer(minilm_path, device="cpu"))
 
 
 @pytest.mark.slow  # ~30 s for the evaluator (fixture) and ~30 s for the command on 2 free cores
-def test_cli_json_equals_embedding_similarity_evaluator_on_minilm(minilm_path, minilm_reference):
+def test_cli_json_equals_embedding_similarity_evaluator_on_minilm(minilm_path, minilm_reference, sts_test_file):
     start = time.perf_counter()
-    result = run_cli("--model", minilm_path, "--data", str(korsts_test()), "--json")
+    result = run_cli("--model", minilm_path, "--data", str(sts_test_file), "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)  # the whole of stdout is one JSON object
-    assert set(figures) == set(EVALUATOR_KEYS) | {"pairs"} and figures["pairs"] == 1379
+    assert set(figures) == set(EVALUATOR_KEYS) | {"pairs"} and figures["pairs"] == KORSTS_TEST_PAIRS
     diffs = {key: abs(figures[key] - minilm_reference[theirs]) for key, theirs in EVALUATOR_KEYS.items()}
     report = f"{json.dumps(diffs)} ({time.perf_counter() - start:.0f} s)"
     # Pearson is continuous in the embeddings, which equal sentence-transformers' to ~1e-7.
@@ -271,7 +310,8 @@ def test_cli_json_equals_embedding_similarity_evaluator_on_minilm(minilm_path, m
     # Spearman is not: sentence-transformers' embedding of a sentence moves by ~1e-7 with its batch's padding,
     # so the 10 pairs with identical sentences get distances ~5e-7 there and exactly 0 here, and 1-ulp
     # differences reorder near-ties. Each reordering moves Spearman by <= 6/n^2 (3e-6 for 1,379 pairs);
-    # measured 3.4e-6 for euclidean/manhattan, 0 for cosine/dot (see notes/issue5.md).
+    # measured 3.4e-6 for euclidean/manhattan, 0 for cosine/dot (see notes/issue5.md). The generated set
+    # has as many pairs and as many identical ones.
     assert max(d for k, d in diffs.items() if k.endswith("spearman")) <= 1e-5, report
 
 
@@ -283,7 +323,7 @@ def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_table_has_one_row_per_model_and_the_card_row(minilm_path, tmp_path, monkeypatch, capsys):
+def test_table_has_one_row_per_model_and_the_card_row(minilm_path, sts_test_file, tmp_path, monkeypatch, capsys):
     weights = tmp_path / "weights"
     weights.mkdir()
     card = {key: 50.0 + i for i, key in enumerate(sts.METRICS)}
@@ -293,7 +333,7 @@ def test_table_has_one_row_per_model_and_the_card_row(minilm_path, tmp_path, mon
     model_dir = tmp_path / "all-MiniLM-L6-v2"  # named like the manifest entry, so its card row shows
     model_dir.symlink_to(minilm_path, target_is_directory=True)
     data = tmp_path / "small.tsv"
-    data.write_text("".join(korsts_test().read_text(encoding="utf-8").splitlines(keepends=True)[:41]),
+    data.write_text("".join(sts_test_file.read_text(encoding="utf-8").splitlines(keepends=True)[:41]),
                     encoding="utf-8")
     code, out, err = run_in_process(capsys, "--model", str(model_dir), "--model", minilm_path, "--data", str(data))
     assert code == 0, err

@@ -1,4 +1,4 @@
-"""BERT encoder (Devlin et al., 2018), inference only, post-LayerNorm.
+"""BERT encoder (Devlin et al., 2018), post-LayerNorm.
 
 What makes it BERT, in the order the data flows:
 - embeddings = word + absolute position + token type, then LayerNorm (eps from the config, 1e-12 in
@@ -6,7 +6,10 @@ What makes it BERT, in the order the data flows:
 - each block is post-LN: ``x = LN(x + attn(x))`` then ``x = LN(x + ffn(x))``;
 - the feed-forward uses exact (erf) GELU, not the tanh approximation;
 - padded key positions get ``finfo(dtype).min`` added to the scores, as Hugging Face does, so a pad
-  gets exactly zero probability after softmax.
+  gets exactly zero probability after softmax;
+- dropout, in train mode only, at transformers' four places: the embeddings' output, the attention
+  probabilities, and the attention and feed-forward outputs before their residual sums
+  (``hidden_dropout_prob``, ``attention_probs_dropout_prob``); in eval mode each is the identity.
 
 Mirrors transformers' ``modeling_bert.py`` (BertEmbeddings, BertSelfAttention, BertLayer) numerically:
 https://github.com/huggingface/transformers/blob/v4.44.0/src/transformers/models/bert/modeling_bert.py
@@ -25,11 +28,23 @@ from torch import nn
 
 from minisbert.errors import ConfigError
 
-# hidden_act values we implement; everything else is refused by the config.
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU: what every target checkpoint uses."""
+    return F.gelu(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (``gelu_new``, ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# hidden_act values we implement; everything else is refused by the config. Module-level functions,
+# not lambdas, so that a model (and an encoder holding it) pickles and deep-copies.
 ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact erf GELU: what every target checkpoint uses
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
 }
 
@@ -46,6 +61,8 @@ class BertConfig:
     layer_norm_eps: float
     pad_token_id: int
     hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1  # transformers' defaults; only train mode reads them
+    attention_probs_dropout_prob: float = 0.1
 
     @classmethod
     def from_hf(cls, hf: dict) -> "BertConfig":
@@ -55,7 +72,8 @@ class BertConfig:
             "is_decoder": (False, None),
             "add_cross_attention": (False, None),
         })
-        defaults = {"type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_act": "gelu"}
+        defaults = {"type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_act": "gelu",
+                    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
         cfg = cls(**{f.name: hf.get(f.name, defaults.get(f.name)) for f in fields(cls)})
         cfg.validate()
         return cfg
@@ -76,6 +94,10 @@ class BertConfig:
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"config.json: pad_token_id={self.pad_token_id!r} is outside the vocabulary "
                               f"(vocab_size={self.vocab_size})")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ConfigError(f"config.json: {name}={p!r} must be a probability in [0, 1)")
 
 
 def refuse_unsupported(hf: dict, allowed: dict[str, tuple]) -> None:
@@ -104,6 +126,7 @@ class Embeddings(nn.Module):
         # type_vocab_size 0 (never in BERT itself, but allowed by the config) means no segment table.
         self.segment = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok(input_ids)  # (B, T, C)
@@ -111,7 +134,7 @@ class Embeddings(nn.Module):
             # Sentence embedding encodes single segments: token type 0 everywhere.
             x = x + self.segment.weight[0]
         x = x + self.pos(position_ids)  # added after the type, in transformers' order (same rounding)
-        return self.ln(x)
+        return self.drop(self.ln(x))
 
 
 def bert_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -142,6 +165,8 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_drop = nn.Dropout(cfg.attention_probs_dropout_prob)  # on the probabilities
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)  # on the output, before the residual sum
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -150,15 +175,17 @@ class SelfAttention(nn.Module):
         k = self.key(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         if record is None:
-            # Fused kernel; same math as below: softmax(q k^T / sqrt(D) + bias) v.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, D)
+            # Fused kernel; same math as below: dropout(softmax(q k^T / sqrt(D) + bias)) v, as
+            # transformers' sdpa attention passes its dropout probability in train mode only.
+            p = self.attn_drop.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, D)
         else:
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(D) + bias  # (B, H, T, T)
             probs = scores.softmax(dim=-1)
             record.setdefault("attentions", []).append(probs)
-            y = probs @ v  # (B, H, T, D)
+            y = self.attn_drop(probs) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out(y)
+        return self.drop(self.out(y))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,9 +198,10 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+        return self.drop(self.down(self.act(self.up(x))))  # (B, T, C) -> (B, T, F) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -259,7 +287,8 @@ IGNORED_KEYS = (
 
 
 def build(hf_config: dict) -> BertModel:
-    return BertModel(BertConfig.from_hf(hf_config))
+    """The model in eval mode (no dropout); training turns train mode on explicitly."""
+    return BertModel(BertConfig.from_hf(hf_config)).eval()
 
 
 def max_tokens(cfg: BertConfig) -> int:

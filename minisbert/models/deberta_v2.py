@@ -1,4 +1,4 @@
-"""DeBERTa-v2 encoder (He et al., 2021) with disentangled attention, inference only, post-LayerNorm.
+"""DeBERTa-v2 encoder (He et al., 2021) with disentangled attention, post-LayerNorm.
 
 What differs from BERT, in the order the data flows (#L: lines of the transformers file it mirrors,
 https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/deberta_v2/modeling_deberta_v2.py):
@@ -16,7 +16,9 @@ https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models
 - the mask is a (B, 1, T, T) pair mask ``mask_i * mask_j`` filled with ``finfo.min`` (#L595, #L251), so
   a pad query row is uniform, as in transformers;
 - an optional convolution (``conv_kernel_size > 0``, deberta-v2-xlarge) mixes neighbouring embeddings
-  into the first block's output (#L443, #L657).
+  into the first block's output (#L443, #L657);
+- dropout in train mode at BERT's four places plus two of DeBERTa's own: on the relative table each
+  block reads (#L239) and on the convolution's output (#L460), ``hidden_dropout_prob`` both.
 The position keys/queries (``key_proj(LN(rel_embeddings))`` etc.) do not depend on the input; this
 reference computes them every forward, as transformers does (the fast path caches them), and uses
 only the table rows a length can reach.
@@ -65,6 +67,8 @@ class DebertaV2Config:
     conv_kernel_size: int
     conv_act: str
     conv_groups: int
+    hidden_dropout_prob: float
+    attention_probs_dropout_prob: float
 
     @classmethod
     def from_hf(cls, hf: dict) -> "DebertaV2Config":
@@ -79,7 +83,8 @@ class DebertaV2Config:
                     "embedding_size": hidden, "attention_head_size": head_default,
                     "position_biased_input": True, "max_relative_positions": -1, "position_buckets": -1,
                     "pos_att_type": None, "share_att_key": False, "norm_rel_ebd": "none",
-                    "conv_kernel_size": 0, "conv_act": "tanh", "conv_groups": 1}
+                    "conv_kernel_size": 0, "conv_act": "tanh", "conv_groups": 1,
+                    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
         values = {f.name: hf.get(f.name, defaults.get(f.name)) for f in fields(cls)}
         values["pos_att_type"] = _parse_pos_att_type(values["pos_att_type"])
         if isinstance(values["norm_rel_ebd"], str):
@@ -98,7 +103,7 @@ class DebertaV2Config:
         return self.max_relative_positions if self.max_relative_positions > 0 else self.max_position_embeddings
 
     def validate(self) -> None:
-        BertConfig.validate(self)  # sizes, heads, hidden_act, type_vocab_size, eps, pad id: BERT's fields
+        BertConfig.validate(self)  # sizes, heads, hidden_act, type_vocab_size, eps, pad id, dropout: BERT's
         require_positive(self, "embedding_size", "attention_head_size", "conv_groups")
         if self.attention_head_size * self.num_attention_heads != self.hidden_size:
             # transformers builds q/k/v of width H*D but an output dense of C x C, so it fails too.
@@ -195,6 +200,7 @@ class Embeddings(nn.Module):
         self.segment = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
         self.proj = nn.Linear(E, C, bias=False) if E != C else None  # no bias, as in transformers
         self.ln = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
@@ -205,7 +211,7 @@ class Embeddings(nn.Module):
             x = x + self.segment.weight[0]  # single segment: token type 0
         if self.proj is not None:
             x = self.proj(x)  # (B, T, C)
-        return self.ln(x) * attention_mask[:, :, None].to(x.dtype)  # pads become exact zeros
+        return self.drop(self.ln(x) * attention_mask[:, :, None].to(x.dtype))  # pads become exact zeros
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,9 +231,14 @@ class DisentangledAttention(nn.Module):
         self.pos_key = nn.Linear(C, C) if "c2p" in self.terms and not cfg.share_att_key else None
         self.pos_query = nn.Linear(C, C) if "p2c" in self.terms and not cfg.share_att_key else None
         self.out = nn.Linear(C, C)
+        self.pos_drop = nn.Dropout(cfg.hidden_dropout_prob)  # each block drops its own copy of the table
+        self.attn_drop = nn.Dropout(cfg.attention_probs_dropout_prob)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
     def position_projections(self, rel: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(2S, C) relative embeddings -> position keys for c2p and queries for p2c, each (H, 2S, D)."""
+        rel = self.pos_drop(rel)  # identity in eval mode
+
         def heads(linear: nn.Linear) -> torch.Tensor:
             return linear(rel).view(-1, self.n_head, self.head_dim).transpose(0, 1)  # (H, 2S, D)
 
@@ -259,8 +270,8 @@ class DisentangledAttention(nn.Module):
             for name, term in terms.items():
                 record.setdefault(name, []).append(term)
             record.setdefault("attentions", []).append(probs)
-        y = (probs @ v).transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
-        return self.out(y)
+        y = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return self.drop(self.out(y))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,11 +302,12 @@ class ConvLayer(nn.Module):
         self.conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, k, padding=(k - 1) // 2, groups=cfg.conv_groups)
         self.act = CONV_ACTIVATIONS[cfg.conv_act]
         self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, embedded: torch.Tensor, block_out: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         keep = attention_mask[:, :, None].bool()  # (B, T, 1)
         y = self.conv(embedded.transpose(1, 2)).transpose(1, 2)  # (B, T, C), convolved along T
-        y = self.act(y.masked_fill(~keep, 0))  # pads zeroed before the activation, as upstream
+        y = self.act(self.drop(y.masked_fill(~keep, 0)))  # pads zeroed, dropout, activation: as upstream
         return self.ln(block_out + y) * keep.to(y.dtype)
 
 
@@ -389,7 +401,8 @@ IGNORED_KEYS = (
 
 
 def build(hf_config: dict) -> DebertaV2Model:
-    return DebertaV2Model(DebertaV2Config.from_hf(hf_config))
+    """The model in eval mode (no dropout); training turns train mode on explicitly."""
+    return DebertaV2Model(DebertaV2Config.from_hf(hf_config)).eval()
 
 
 def max_tokens(cfg: DebertaV2Config) -> int:

@@ -44,11 +44,12 @@ IGNORED_KEYS = (
 
 
 def build(hf_config: dict) -> RobertaModel:
+    """The model in eval mode (no dropout); training turns train mode on explicitly."""
     cfg = BertConfig.from_hf(hf_config)
     if cfg.max_position_embeddings <= cfg.pad_token_id + 1:
         raise ConfigError(f"config.json: max_position_embeddings={cfg.max_position_embeddings} leaves no "
                           f"position after pad_token_id + 1 = {cfg.pad_token_id + 1}")
-    return RobertaModel(cfg)
+    return RobertaModel(cfg).eval()
 
 
 def max_tokens(cfg: BertConfig) -> int:
