@@ -1,4 +1,4 @@
-"""``minisbert`` / ``python -m minisbert``: encode, download, convert, eval-sts, inspect, train.
+"""``minisbert`` / ``python -m minisbert``: encode, embed-corpus, download, convert, eval-sts, inspect, train.
 
 Every argument is checked before a model loads (loading takes seconds), and every error is one line
 on stderr with exit status 2: the message names the file, flag or key at fault.
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from minisbert import __version__, hub, inspect, sts, train
+from minisbert import __version__, corpus, hub, inspect, ray_data, sts, train
 from minisbert.checkpoint import convert_to_safetensors
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
 from minisbert.fast import QUANTIZE, check_quantize
 from minisbert.loading import check_device, parse_dtype
+from minisbert.quantize import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -162,9 +163,67 @@ def run_convert(args) -> int:
     return 0
 
 
+def _add_embed_corpus(sub) -> None:
+    p = sub.add_parser("embed-corpus", help="embed files of texts into Parquet parts: streaming, resumable, "
+                       "local processes or a Ray cluster (docs/corpus.md)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder, short name from weights/models.json, or hub id")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="input files: .jsonl/.ndjson, .parquet, .csv, .tsv (no quoting), .txt (one text a line)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the part files and _manifest.json")
+    p.add_argument("--text-column", default="text", help="column (JSON field) of the texts; unused for .txt")
+    p.add_argument("--id-column", help="column (JSON field) of the ids (default: the row's position in the inputs)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="run here, or on Ray Data")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="local: processes of the multi-process pool; ray: actors, each with one encoder")
+    p.add_argument("--threads", type=positive_int,
+                   help="ray: CPUs (torch threads) per actor (default: the cluster's CPUs / workers)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="texts per batch (a token budget of batch size x max_seq_length, as encode)")
+    p.add_argument("--max-seq-length", type=token_count, help="tokens per text (default: the model's own)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="embedding type; int8/uint8 ranges come from the first 1024 rows and go in the manifest")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    p.add_argument("--resume", action="store_true",
+                   help="finish a folder an interrupted run left: only missing parts are embedded")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave out rows that are not strings or not UTF-8 (listed in the manifest) instead of "
+                        "stopping at the first")
+    p.add_argument("--rows-per-part", type=positive_int, default=4096, help="rows per output file")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda (ray: one GPU per actor)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+
+
+def run_embed_corpus(args) -> int:
+    # Arguments, optional packages, inputs and folder are checked before the model loads (embed_corpus).
+    device = check_device(args.device) if args.engine == "local" else args.device
+    corpus.pyarrow()
+    if args.engine == "ray":
+        ray_data.ray_module()
+    settings = corpus.Settings(args.model, revision=args.revision, dtype=args.dtype,
+                               max_seq_length=args.max_seq_length, precision=args.precision,
+                               normalize=args.normalize, text_column=args.text_column, id_column=args.id_column,
+                               rows_per_part=args.rows_per_part, skip_bad_rows=args.skip_bad_rows)
+    common = dict(resume=args.resume, batch_size=args.batch_size, workers=args.workers, device=str(device),
+                  show_progress=False if args.no_progress else None)
+    if args.engine == "local":
+        done = corpus.embed_corpus(args.input, args.output, settings, **common)
+    else:
+        done = ray_data.embed_corpus(args.input, args.output, settings, threads=args.threads,
+                                     address=args.ray_address, **common)
+    skipped = f", {len(done['bad_rows'])} bad rows skipped (listed in the manifest)" if done["bad_rows"] else ""
+    print(f"wrote {done['rows_written']} embeddings of dimension {done['dimension']} in {len(done['parts'])} "
+          f"parts to {args.output}{skipped}", file=sys.stderr)
+    return 0
+
+
 # name -> (add the subcommand's parser, run it); eval-sts, inspect and train live in their own modules.
 COMMANDS = {
     "encode": (_add_encode, run_encode),
+    "embed-corpus": (_add_embed_corpus, run_embed_corpus),
     "download": (_add_download, run_download),
     "convert": (_add_convert, run_convert),
     "eval-sts": (lambda sub: sts.add_arguments(sub.add_parser(
