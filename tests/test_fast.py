@@ -393,6 +393,20 @@ def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, monkeypatch
         assert "quantize='int8'" in said[0]
 
 
+def test_inspect_says_what_bf16_means_on_this_cpu(tiny_models, monkeypatch, capsys):
+    from minisbert import cli
+    from minisbert import inspect as inspect_module
+    from minisbert.cpu import CpuKind
+
+    monkeypatch.setattr(inspect_module, "cpu_kind", lambda: CpuKind("AMD EPYC 7B13", 25, 1, "AVX2", ("avx2",)))
+    assert cli.main(["inspect", "--model", str(tiny_models["bert"])]) == 0
+    out = capsys.readouterr().out
+    assert "this CPU     AMD EPYC 7B13 (family 25 model 1): AVX2" in out
+    assert "bf16 is emulated here" in out and "quantize='int8'" in out
+    assert cli.main(["inspect", "--model", str(tiny_models["bert"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu"]["native_bf16"] is False
+
+
 # ---------------------------------------------------------------------------------------------------
 # Threads and fork
 
