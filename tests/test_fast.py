@@ -591,3 +591,17 @@ def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm(backend):
         full = lin(x)
         for n in (1, 2, 3, 5, 7, 9, 11, 12, 13, 17, 64, 129):
             assert torch.equal(lin(x[:n]), full[:n]), f"{backend} {n_in}->{n_out}: {n} rows"
+
+
+@pytest.mark.parametrize("backend", ["aten", "mkldnn", "int8"])
+def test_linear_add_is_the_residual_sum(backend):
+    """``Linear.add`` (the residual fused into oneDNN's GEMM epilogue) is bitwise residual + linear."""
+    from minisbert.fast import Linear
+
+    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+        pytest.skip("oneDNN linear is not available")
+    torch.manual_seed(0)
+    lin = Linear(torch.randn(96, 128), torch.randn(96), backend)
+    for n in (64, 70):  # a multiple of Linear.ROWS (fused on oneDNN) and not
+        x, residual = torch.randn(n, 128), torch.randn(n, 96)
+        assert torch.equal(lin.add(x, residual), residual + lin(x)), n
