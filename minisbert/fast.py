@@ -193,12 +193,15 @@ def rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (x.reshape(-1, h.shape[0]) @ h).view(x.shape)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (N, K) int8 q and (N, 1) float32 scales s with x ~ q * s: one symmetric scale per
-    row (a token's activations, or an output channel's weights), the row's max |x| mapped to 127."""
-    s = x.abs().amax(1, keepdim=True).float().clamp_(min=1e-30) / 127  # (N, 1); an all-zero row gives q = 0
-    q = torch.mul(x, 1 / s).round_().to(torch.int8)  # round half to even, |q| <= 127
-    return q, s
+    row (a token's activations, or an output channel's weights), the row's max |x| mapped to 127.
+    ``overwrite``: x is a temporary, scaled and rounded in place."""
+    # max |x| from two reductions: x.abs() would write a temporary as large as x.
+    amax = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg_())  # (N, 1)
+    s = amax.float().clamp_(min=1e-30) / 127  # an all-zero row gives q = 0
+    scaled = x.mul_(1 / s) if overwrite else torch.mul(x, 1 / s)
+    return scaled.round_().to(torch.int8), s  # round half to even, |q| <= 127
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -254,10 +257,18 @@ class Linear:
 
     ROWS = 32
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + (x W^T + b), for a layer without activation. oneDNN adds the residual in the GEMM's
+        epilogue (a "sum" post-op: bitwise the same as the separate add, one pass over memory less)."""
+        if self.backend == "mkldnn" and not self.act and x.shape[0] % self.ROWS == 0:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        return self(x).add_(residual)
+
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotation is not None:
-            x = rotate(x, self.rotation)
-        q, s = quantize_rows(x)  # (N, K) int8, (N, 1): one scale per token
+        rotated = self.rotation is not None
+        if rotated:
+            x = rotate(x, self.rotation)  # a new tensor, quantized in place
+        q, s = quantize_rows(x, overwrite=rotated)  # (N, K) int8, (N, 1): one scale per token
         if self.onednn:
             # int32 sums times the weight's per-channel scales, out in float32; then the token's scale and
             # the bias in one pass (oneDNN's int8 linear takes one activation scale per tensor, not per row).
@@ -310,10 +321,10 @@ class PackedBlock:
             q, k, v = qkv.view(b, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (b, H, T, D)
             heads.append(attend(g, q, k, v).transpose(1, 2).reshape(b, T, C))
         y = layout.unpad(heads)  # (rows, C): N real tokens, then filler rows
-        x = self.attn_ln(x + self.out(y))  # post-LN, as the reference block
+        x = self.attn_ln(self.out.add(y, x))  # post-LN, as the reference block: LN(x + out(y))
         step = self.FFN_ROWS if x.device.type == "cpu" else 0
         if not step or x.shape[0] <= step:
-            return self.ffn_ln(x + self.down(self.up(x)))
+            return self.ffn_ln(self.down.add(self.up(x), x))
         # On the CPU the FFN runs on chunks of rows, so each chunk's (rows, 4C) intermediate is read back
         # by the down-projection from cache, not memory; the residual sum lands in place (add's out=).
         h = torch.empty_like(x)

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from minisbert import checkpoint
+from minisbert.cpu import cpu_kind
 from minisbert.encoder import SentenceEncoder
+from minisbert.fast import onednn_int8_usable
 from minisbert.models import ARCHITECTURES
 
 # Typed-config fields shown for every architecture, in reading order; "head_dim" and "max_tokens"
@@ -95,7 +97,16 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
                        "mapped": mapped, "ignored": ignored},
         "files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size}
                   for p in sorted(folder.rglob("*")) if p.is_file() and ".git" not in p.relative_to(folder).parts],
+        "cpu": _cpu_info(),
     }
+
+
+def _cpu_info() -> dict:
+    """This machine's CPU and what it means for the fast modes (bf16, int8): see docs/performance.md."""
+    kind = cpu_kind()
+    return {"describe": kind.describe(), "native_bf16": kind.native_bf16, "bf16": kind.bf16_advice(),
+            "int8": "quantize='int8' (--quantize int8): int8 linears, inexact (cosine >= 0.99 to fp32)"
+            + ("" if onednn_int8_usable() else "; oneDNN's int8 kernels do not run here (slow fallback)")}
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -231,4 +242,6 @@ def format_text(info: dict, all_keys: bool = False) -> str:
     lines.append(f"files        {len(info['files'])} files, {_size(total)}")
     width = max((len(f["path"]) for f in info["files"]), default=0)
     lines += [f"  {f['path']:<{width}}  {_size(f['bytes']):>10}" for f in info["files"]]
+    cpu = info["cpu"]
+    lines += [f"this CPU     {cpu['describe']}", f"             {cpu['bf16']}", f"             {cpu['int8']}"]
     return "\n".join(lines)

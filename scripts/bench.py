@@ -1,20 +1,29 @@
-"""Throughput of minisbert against sentence-transformers (PyTorch and ONNX Runtime), in one process.
+"""Throughput of minisbert against sentence-transformers and the CPU peers users pick, in one process.
 
 Every system embeds the same texts with the same batch size and threads; the systems take turns on
 each chunk of texts (A B C A B C ...) so a machine shared with other work slows them alike, and the
-median over repetitions of each system's total time is reported, and the ratio to sentence-transformers
-within each repetition (pass). Also prints the agreement with
-sentence-transformers and the achieved GFLOP/s against a big-matmul peak measured on the same machine.
+median over repetitions of each system's total time is reported, with the spread over passes and the
+ratio to sentence-transformers within each repetition (pass). Also prints the agreement with
+sentence-transformers, the achieved GFLOP/s against a big-matmul peak measured on the same machine
+(and the FLOP bound that peak sets), the CPU's kind and the load average before and after.
 
     python scripts/bench.py --model random-bert --n 512 --repeats 5
+    python scripts/bench.py --model random-bert --quantize int8 --n 512 --repeats 5
+    python scripts/bench.py --model random-roberta --max-seq-length 512 --texts passages --n 64
     python scripts/bench.py --model jhgan/ko-sroberta-multitask --dtype bfloat16 --json out.json
 
 ``--model``: a folder, a hub id / short name, or ``random-bert`` / ``random-roberta`` /
 ``random-deberta`` (base-size seed configs built with transformers in a temp dir, with a Korean
-WordPiece tokenizer trained on KorSTS). The ONNX system is sentence-transformers' ``backend="onnx"``
-when optimum's ONNX Runtime integration imports; otherwise the same graph is exported with
-``torch.onnx.export`` and run by onnxruntime behind sentence-transformers' own tokenization and
-pooling (labelled ``ort-export``).
+WordPiece tokenizer trained on KorSTS).
+
+Peers, each when its packages import (the ``st-onnx`` extra's second environment has them all):
+``st-onnx`` (sentence-transformers' ``backend="onnx"``; without optimum the same graph exported with
+``torch.onnx.export`` and run by onnxruntime behind sentence-transformers' tokenization and pooling,
+labelled ``ort-export``), ``st-onnx-O2``/``-O3`` (``export_optimized_onnx_model``; O3 approximates
+GELU), ``st-onnx-int8`` (``export_dynamic_quantized_onnx_model`` for this CPU's instruction set:
+avx512_vnni, avx512, avx2 or arm64) and ``st-openvino`` (``backend="openvino"`` at the run's dtype:
+OpenVINO's own default on a CPU with native bf16 is bf16, so fp32 is asked for explicitly).
+``--quantize int8`` adds minisbert's int8 mode beside its fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,6 +52,9 @@ sys.path.insert(1, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from minisbert.cpu import cpu_kind  # noqa: E402
+from minisbert.fast import onednn_int8_usable  # noqa: E402
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 RANDOM = {"random-bert": "bert", "random-roberta": "roberta", "random-deberta": "deberta-v2"}
@@ -63,15 +76,21 @@ def build_random(name: str, max_seq_length: int, tiny: bool = False) -> Path:
     return folder
 
 
-def workload(n: int, seed: int = 0) -> list[str]:
-    """KorSTS test sentences plus passages of 5-15 of them joined (about one passage in five)."""
+WORKLOADS = ("mixed", "passages")
+
+
+def workload(n: int, seed: int = 0, kind: str = "mixed") -> list[str]:
+    """``mixed``: KorSTS test sentences plus passages of 5-15 of them joined (about one passage in five).
+    ``passages``: every text a passage of 8-30 sentences (~150-600 tokens: many cut at 512)."""
     from conftest import OWN_KOREAN, korsts_sentences
 
     rng = random.Random(seed)
     base = korsts_sentences("test") or OWN_KOREAN
     texts = []
     for _ in range(n):
-        if rng.random() < 0.2:
+        if kind == "passages":
+            texts.append(" ".join(rng.choice(base) for _ in range(rng.randint(8, 30))))
+        elif rng.random() < 0.2:
             texts.append(" ".join(rng.choice(base) for _ in range(rng.randint(5, 15))))
         else:
             texts.append(rng.choice(base))
@@ -90,25 +109,82 @@ def st_torch(path: Path, device: str, dtype: torch.dtype, max_seq_length: int):
     return model
 
 
-def st_onnx(path: Path, threads: int, max_seq_length: int):
-    """(name, model) for sentence-transformers' ONNX backend, or our export when optimum is missing."""
+def onnx_int8_config() -> str:
+    """sentence-transformers' name of the dynamic-int8 ONNX config for this CPU's instruction set."""
+    flags = cpu_kind().flags or ()
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags or cpu_kind().capability.startswith("AVX") else "arm64"
+
+
+def onnx_systems(path: Path, threads: int, max_seq_length: int, optimized: list[str], int8: bool) -> dict:
+    """{name: model}: sentence-transformers' ONNX backend, its optimised (O1-O3) and dynamic-int8 exports;
+    or only our ``torch.onnx.export`` (``ort-export``) when optimum's ONNX Runtime integration is missing."""
     from sentence_transformers import SentenceTransformer
 
     try:
-        import optimum.onnxruntime  # noqa: F401
-
-        with tempfile.TemporaryDirectory() as tmp:
-            # ST exports into the model folder; work on a copy so the source stays untouched.
-            import shutil
-
-            shutil.copytree(path, Path(tmp) / "m")
-            model = SentenceTransformer(str(Path(tmp) / "m"), device="cpu", backend="onnx",
-                                        model_kwargs={"provider": "CPUExecutionProvider"})
-        model.max_seq_length = max_seq_length
-        return "st-onnx", model
+        import onnxruntime as ort
     except ImportError:
-        pass
-    return "ort-export", OrtExport(path, threads, max_seq_length)
+        return {}
+    try:
+        import optimum.onnxruntime  # noqa: F401
+        from sentence_transformers import export_dynamic_quantized_onnx_model, export_optimized_onnx_model
+    except ImportError:
+        return {"ort-export": OrtExport(path, threads, max_seq_length)}
+
+    def load(folder: Path, file_name: str | None = None):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        kwargs = {"provider": "CPUExecutionProvider", "session_options": options}
+        if file_name:
+            kwargs["file_name"] = file_name
+        model = SentenceTransformer(str(folder), device="cpu", backend="onnx", model_kwargs=kwargs)
+        model.max_seq_length = max_seq_length
+        return model
+
+    systems = {}
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        # ST exports into the model folder; work on a copy so the source stays untouched. ORT reads each
+        # file when its session starts, so the folder may go afterwards.
+        folder = Path(tmp) / "m"
+        shutil.copytree(path, folder)
+        systems["st-onnx"] = load(folder)
+        for level in optimized:
+            export_optimized_onnx_model(systems["st-onnx"], level, str(folder))
+            systems[f"st-onnx-{level}"] = load(folder, f"onnx/model_{level}.onnx")
+        if int8:
+            config = onnx_int8_config()
+            export_dynamic_quantized_onnx_model(systems["st-onnx"], config, str(folder))
+            systems["st-onnx-int8"] = load(folder, f"onnx/model_qint8_{config}.onnx")
+    return systems
+
+
+def st_openvino(path: Path, threads: int, max_seq_length: int, dtype: torch.dtype):
+    """sentence-transformers' ``backend="openvino"`` at ``dtype`` (f32 or bf16 inference precision), or
+    None when optimum-intel is missing."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        import optimum.intel  # noqa: F401
+    except ImportError:
+        return None
+    precision = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        shutil.copytree(path, Path(tmp) / "m")
+        model = SentenceTransformer(str(Path(tmp) / "m"), device="cpu", backend="openvino",
+                                    model_kwargs={"ov_config": config})
+    model.max_seq_length = max_seq_length
+    return model
+
+
+@contextlib.contextmanager
+def quiet():
+    """Exporters print progress and warnings; the benchmark's output keeps only its results."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 class OrtExport:
@@ -196,6 +272,23 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> fl
     if device == "cpu" and mkldnn_usable(dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(b)
         runs.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    return 2 * size**3 / best_seconds(runs, device, repeats) / 1e9
+
+
+def int8_peak(repeats: int = 5) -> float:
+    """Best GOP/s of minisbert's int8 GEMM alone (oneDNN's int8 linear, int32 sums, no quantization of the
+    input, no scales) at 2048^3."""
+    from minisbert.fast import Linear
+
+    size = peak_size("cpu")
+    lin = Linear(torch.randn(size, size), None, "int8")
+    q = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    run = lambda: torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, lin.weight, lin.scale, lin.zero, None, 1.0, 0,
+                                                     torch.float32, "none", [], "")
+    return 2 * size**3 / best_seconds([run], "cpu", repeats) / 1e9
+
+
+def best_seconds(runs, device: str, repeats: int) -> float:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = float("inf")
     with torch.inference_mode():
@@ -207,7 +300,7 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> fl
                 run()
                 sync()
                 best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,19 +312,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="with random-*: a tiny model (for smoke tests)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], help="also run minisbert's int8 mode (and the int8 ONNX peer)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--texts", default="mixed", choices=WORKLOADS,
+                   help="mixed: sentences and one passage in five; passages: every text a passage (long texts)")
     p.add_argument("--n", type=int, default=256, help="number of texts")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=0,
                    help="texts per interleaving step (default 0: the whole set; smaller interleaves finer but "
                         "shrinks the set sentence-transformers sorts by length, so it pads more)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime system")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime systems")
+    p.add_argument("--onnx-optimized", default="O3", metavar="LEVELS",
+                   help="comma-separated optimisation levels of export_optimized_onnx_model to run (O1-O3; '' none)")
+    p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO system")
     p.add_argument("--no-reference", action="store_true", help="skip minisbert's reference (fast=False) path")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout)")
     return p.parse_args(argv)
+
+
+def cpu_info() -> dict:
+    kind = cpu_kind()
+    return {"model_name": kind.model_name, "family": kind.family, "model": kind.model,
+            "torch_capability": kind.capability, "flags": list(kind.flags) if kind.flags is not None else None,
+            "cpus": os.cpu_count(), "describe": kind.describe(), "bf16": kind.bf16_advice()}
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'min-max' of the per-pass values."""
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
 def main(argv=None) -> dict:
@@ -241,25 +352,34 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     dtype = getattr(torch, args.dtype)
+    load_start = os.getloadavg()
 
     from minisbert import SentenceEncoder
 
     path = build_random(args.model, args.max_seq_length, args.tiny) if args.model in RANDOM else args.model
-    texts = workload(args.n)
+    texts = workload(args.n, kind=args.texts)
 
     ours = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, fast=True)
     ours.max_seq_length = min(args.max_seq_length, ours.max_seq_length)
     lengths = [len(ids) for ids in ours.tokenizer.encode_ids(texts)]
     systems = {f"minisbert[{ours._packed.forward.backend}]": ours}
+    if args.quantize:
+        int8 = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, quantize=args.quantize)
+        int8.max_seq_length = ours.max_seq_length
+        systems[f"minisbert[{args.quantize}]"] = int8
     if not args.no_reference:
         ref = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, fast=False)
         ref.max_seq_length = ours.max_seq_length
         systems["minisbert-reference"] = ref
-    st_folder = ours.source if args.model not in RANDOM else path
+    st_folder = Path(ours.source if args.model not in RANDOM else path)
     systems["st"] = st_torch(st_folder, args.device, dtype, ours.max_seq_length)
     if not args.no_onnx and args.device == "cpu":
-        name, model = st_onnx(Path(st_folder), threads, ours.max_seq_length)
-        systems[name] = model
+        levels = [level for level in args.onnx_optimized.split(",") if level]
+        systems.update(onnx_systems(st_folder, threads, ours.max_seq_length, levels, bool(args.quantize)))
+    if not args.no_openvino and args.device == "cpu":
+        model = st_openvino(st_folder, threads, ours.max_seq_length, dtype)
+        if model is not None:
+            systems["st-openvino"] = model
 
     times = {name: [] for name in systems}
     for model in systems.values():  # warm-up
@@ -281,6 +401,7 @@ def main(argv=None) -> dict:
         for name in systems:
             times[name].append(spent[name])
     outputs = {name: np.concatenate(parts) for name, parts in outputs.items()}
+    load_end = os.getloadavg()
 
     fp32_st = outputs["st"]
     if dtype != torch.float32:
@@ -291,13 +412,18 @@ def main(argv=None) -> dict:
     peaks = {} if args.no_peak else {"fp32": matmul_peak(torch.float32, args.device)}
     if not args.no_peak and dtype != torch.float32:
         peaks[args.dtype] = matmul_peak(dtype, args.device)
+    if not args.no_peak and args.quantize and onednn_int8_usable():
+        peaks["int8"] = int8_peak()
+    bound = total_flops / (peaks[args.dtype if dtype != torch.float32 else "fp32"] * 1e9) if peaks else None
     rows = []
     for name in systems:
         t = statistics.median(times[name])
         a, b = outputs[name], fp32_st
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         rows.append({"system": name, "seconds": t, "all_seconds": times[name], "sentences_per_s": len(texts) / t,
+                     "sentences_per_s_per_pass": [len(texts) / x for x in times[name]],
                      "tokens_per_s": sum(lengths) / t, "gflops": total_flops / t / 1e9,
+                     "percent_of_flop_bound": 100 * bound / t if bound else None,
                      "max_abs_diff_vs_st": float(np.abs(a - b).max()), "min_cosine_vs_st": float(cos.min())})
     by_name = {r["system"]: r for r in rows}
     onnx_name = next((n for n in ("st-onnx", "ort-export") if n in by_name), None)
@@ -306,39 +432,58 @@ def main(argv=None) -> dict:
         r["vs_onnx"] = by_name[onnx_name]["seconds"] / r["seconds"] if onnx_name else None
         # The same ratio within each pass (the systems' turns of one pass are minutes apart at most),
         # so a machine that speeds up or slows down between passes moves both sides of it.
-        r["vs_st_per_pass"] = [st / ours for st, ours in zip(times["st"], times[r["system"]])]
-    result = {"model": str(args.model), "device": args.device, "dtype": args.dtype, "threads": threads,
-              "batch_size": args.batch_size, "max_seq_length": ours.max_seq_length, "n": len(texts),
-              "tokens": sum(lengths), "repeats": args.repeats, "chunk": args.chunk, "peak_gflops": peaks,
-              "onnx_system": onnx_name,
-              "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows}
-    if peaks:
+        r["vs_st_per_pass"] = [st / own for st, own in zip(times["st"], times[r["system"]])]
+    comparisons = {}
+    if args.quantize:
+        name = f"minisbert[{args.quantize}]"
+        fp32_name = next(iter(systems))
+        peers = [n for n in ("st-onnx-int8",) if n in systems]
+        against = [fp32_name] + peers + [n for n in systems if n not in (name, fp32_name, *peers)]
+        for other in against:  # int8 against minisbert fp32, the int8 peers, then everything else
+            comparisons[f"{name} vs {other}"] = [o / own for o, own in zip(times[other], times[name])]
+    kind = cpu_kind()
+    result = {"model": str(args.model), "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+              "threads": threads, "batch_size": args.batch_size, "max_seq_length": ours.max_seq_length,
+              "texts": args.texts, "n": len(texts), "tokens": sum(lengths), "repeats": args.repeats,
+              "chunk": args.chunk, "cpu": cpu_info(),
+              "loadavg": {"start": list(load_start), "end": list(load_end)}, "peak_gflops": peaks,
+              "onnx_system": onnx_name, "torch": torch.__version__, "versions": versions(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows, "per_pass_ratios": comparisons}
+    if bound:
         # The fastest any system could run these real tokens' FLOPs on this machine: what is left to win.
-        seconds = total_flops / (peaks[args.dtype if dtype != torch.float32 else "fp32"] * 1e9)
-        result["flop_bound"] = {"seconds": seconds, "sentences_per_s": len(texts) / seconds,
-                                "vs_st": by_name["st"]["seconds"] / seconds,
-                                "vs_onnx": by_name[onnx_name]["seconds"] / seconds if onnx_name else None}
+        result["flop_bound"] = {"seconds": bound, "sentences_per_s": len(texts) / bound,
+                                "vs_st": by_name["st"]["seconds"] / bound,
+                                "vs_onnx": by_name[onnx_name]["seconds"] / bound if onnx_name else None}
 
     print(f"{args.model}  {args.dtype} on {args.device}, {threads} threads, batch {args.batch_size}, "
-          f"max_seq_length {ours.max_seq_length}, {len(texts)} texts / {sum(lengths)} tokens, "
+          f"max_seq_length {ours.max_seq_length}, {len(texts)} {args.texts} texts / {sum(lengths)} tokens, "
           f"median of {args.repeats} (interleaved every {args.chunk or len(texts)} texts), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-    print(f"{'system':<22}{'sent/s':>9}{'tok/s':>10}{'vs ST':>8}{'vs ONNX':>9}{'GFLOP/s':>9}"
-          f"{'max|diff|':>11}{'min cos':>10}")
+    print(f"CPU: {kind.describe()}, {os.cpu_count()} logical CPUs; {kind.bf16_advice()}")
+    print(f"load average (1/5/15 min): {' '.join(f'{x:.1f}' for x in load_start)} before, "
+          f"{' '.join(f'{x:.1f}' for x in load_end)} after"
+          + ("  << busy machine: read the ratios within passes, not the absolute speeds"
+             if max(load_start[0], load_end[0]) > 1.5 * (os.cpu_count() or 1) else ""))
+    print(f"{'system':<22}{'sent/s':>9}{'passes':>16}{'vs ST':>7}{'passes':>11}{'vs ONNX':>8}{'GFLOP/s':>8}"
+          f"{'%bound':>7}{'max|diff|':>10}{'min cos':>10}")
     for r in rows:
         vs_onnx = f"{r['vs_onnx']:.2f}" if r["vs_onnx"] else "-"
-        print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_st']:>8.2f}"
-              f"{vs_onnx:>9}{r['gflops']:>9.1f}{r['max_abs_diff_vs_st']:>11.2e}{r['min_cosine_vs_st']:>10.6f}")
+        share = f"{r['percent_of_flop_bound']:.0f}" if r["percent_of_flop_bound"] else "-"
+        print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{spread(r['sentences_per_s_per_pass'], 1):>16}"
+              f"{r['vs_st']:>7.2f}{spread(r['vs_st_per_pass']):>11}{vs_onnx:>8}{r['gflops']:>8.1f}{share:>7}"
+              f"{r['max_abs_diff_vs_st']:>10.2e}{r['min_cosine_vs_st']:>10.6f}")
     if args.repeats > 1:
         print("vs ST within each pass: " + "; ".join(
             f"{r['system']} " + " ".join(f"{x:.2f}" for x in r["vs_st_per_pass"]) for r in rows if r["system"] != "st"))
+    for label, ratios in comparisons.items():
+        print(f"{label}: {statistics.median(ratios):.2f}x (passes {' '.join(f'{x:.2f}' for x in ratios)})")
     if peaks:
         print(f"matmul peak ({peak_size(args.device)}^3 GEMM): "
-              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-        bound = result["flop_bound"]
+              + ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items()))
+        fb = result["flop_bound"]
         print(f"FLOP bound (every FLOP of the real tokens at the {args.dtype} peak, nothing else): "
-              f"{bound['sentences_per_s']:.1f} sent/s = {bound['vs_st']:.2f}x st"
-              + (f" = {bound['vs_onnx']:.2f}x {onnx_name}" if bound["vs_onnx"] else ""))
+              f"{fb['sentences_per_s']:.1f} sent/s = {fb['vs_st']:.2f}x st"
+              + (f" = {fb['vs_onnx']:.2f}x {onnx_name}" if fb["vs_onnx"] else ""))
     if args.json:
         text = json.dumps(result, indent=2)
         if args.json == "-":
@@ -346,6 +491,20 @@ def main(argv=None) -> dict:
         else:
             Path(args.json).write_text(text)
     return result
+
+
+def versions() -> dict:
+    """Versions of the peers' packages that are installed."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("sentence-transformers", "transformers", "onnxruntime", "optimum", "optimum-onnx", "optimum-intel",
+                 "openvino"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 if __name__ == "__main__":

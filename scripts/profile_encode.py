@@ -2,6 +2,8 @@
 fast path, optionally beside sentence-transformers, on the benchmark's workload.
 
     python scripts/profile_encode.py --model random-bert --device cuda --dtype float16 --n 2048
+    python scripts/profile_encode.py --model random-bert --quantize int8
+    python scripts/profile_encode.py --model random-deberta --max-seq-length 512 --texts passages --n 64
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench import RANDOM, build_random, st_torch, workload  # noqa: E402
+from bench import RANDOM, WORKLOADS, build_random, st_torch, workload  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -22,6 +24,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="random-bert")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], help="profile minisbert's int8 mode")
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--texts", default="mixed", choices=WORKLOADS)
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rows", type=int, default=20, help="operators to print")
@@ -31,11 +36,13 @@ def main(argv=None) -> None:
     from minisbert import SentenceEncoder
 
     dtype = getattr(torch, args.dtype)
-    path = build_random(args.model, 128) if args.model in RANDOM else args.model
-    texts = workload(args.n)
-    systems = {"minisbert": SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype)}
+    path = build_random(args.model, args.max_seq_length) if args.model in RANDOM else args.model
+    texts = workload(args.n, kind=args.texts)
+    ours = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, quantize=args.quantize)
+    ours.max_seq_length = min(args.max_seq_length, ours.max_seq_length)
+    systems = {"minisbert": ours}
     if args.st:
-        systems["st"] = st_torch(path, args.device, dtype, 128)
+        systems["st"] = st_torch(ours.source, args.device, dtype, ours.max_seq_length)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)

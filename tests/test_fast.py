@@ -393,6 +393,20 @@ def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, monkeypatch
         assert "quantize='int8'" in said[0]
 
 
+def test_inspect_says_what_bf16_means_on_this_cpu(tiny_models, monkeypatch, capsys):
+    from minisbert import cli
+    from minisbert import inspect as inspect_module
+    from minisbert.cpu import CpuKind
+
+    monkeypatch.setattr(inspect_module, "cpu_kind", lambda: CpuKind("AMD EPYC 7B13", 25, 1, "AVX2", ("avx2",)))
+    assert cli.main(["inspect", "--model", str(tiny_models["bert"])]) == 0
+    out = capsys.readouterr().out
+    assert "this CPU     AMD EPYC 7B13 (family 25 model 1): AVX2" in out
+    assert "bf16 is emulated here" in out and "quantize='int8'" in out
+    assert cli.main(["inspect", "--model", str(tiny_models["bert"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu"]["native_bf16"] is False
+
+
 # ---------------------------------------------------------------------------------------------------
 # Threads and fork
 
@@ -488,19 +502,26 @@ def test_respects_torch_threads(tiny_models):
 def test_bench_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--model", "random-bert", "--tiny",
-                           "--n", "12", "--repeats", "2", "--batch-size", "4", "--no-onnx", "--no-peak",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--n", "12", "--repeats", "2", "--batch-size", "4", "--no-onnx", "--no-openvino",
+                           "--no-peak", "--quantize", "int8", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert {"model", "dtype", "threads", "tokens", "peak_gflops", "rows"} <= set(result)
+    assert {"model", "dtype", "threads", "tokens", "peak_gflops", "rows", "cpu", "loadavg"} <= set(result)
+    assert result["cpu"]["model_name"] and len(result["loadavg"]["start"]) == 3
     names = [r["system"] for r in result["rows"]]
-    assert any(n.startswith("minisbert[") for n in names) and "st" in names
+    assert any(n.startswith("minisbert[") for n in names) and "st" in names and "minisbert[int8]" in names
     for row in result["rows"]:
-        assert {"sentences_per_s", "tokens_per_s", "vs_st", "vs_st_per_pass", "gflops", "max_abs_diff_vs_st",
-                "min_cosine_vs_st"} <= set(row)
-        assert row["sentences_per_s"] > 0 and row["max_abs_diff_vs_st"] <= TOL
+        assert {"sentences_per_s", "sentences_per_s_per_pass", "tokens_per_s", "vs_st", "vs_st_per_pass", "gflops",
+                "max_abs_diff_vs_st", "min_cosine_vs_st"} <= set(row)
+        assert row["sentences_per_s"] > 0 and len(row["sentences_per_s_per_pass"]) == 2
+        if row["system"] == "minisbert[int8]":  # inexact by design
+            assert row["min_cosine_vs_st"] >= 0.99 and row["max_abs_diff_vs_st"] > TOL
+        else:
+            assert row["max_abs_diff_vs_st"] <= TOL
         assert len(row["vs_st_per_pass"]) == 2 and all(x > 0 for x in row["vs_st_per_pass"])
-    assert "vs ST within each pass: minisbert[" in proc.stdout
+    assert "vs ST within each pass: minisbert[" in proc.stdout and "CPU: " in proc.stdout
+    assert "minisbert[int8] vs minisbert[" in proc.stdout
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -571,3 +592,17 @@ def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm(backend):
         full = lin(x)
         for n in (1, 2, 3, 5, 7, 9, 11, 12, 13, 17, 64, 129):
             assert torch.equal(lin(x[:n]), full[:n]), f"{backend} {n_in}->{n_out}: {n} rows"
+
+
+@pytest.mark.parametrize("backend", ["aten", "mkldnn", "int8"])
+def test_linear_add_is_the_residual_sum(backend):
+    """``Linear.add`` (the residual fused into oneDNN's GEMM epilogue) is bitwise residual + linear."""
+    from minisbert.fast import Linear
+
+    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+        pytest.skip("oneDNN linear is not available")
+    torch.manual_seed(0)
+    lin = Linear(torch.randn(96, 128), torch.randn(96), backend)
+    for n in (64, 70):  # a multiple of Linear.ROWS (fused on oneDNN) and not
+        x, residual = torch.randn(n, 128), torch.randn(n, 96)
+        assert torch.equal(lin.add(x, residual), residual + lin(x)), n
