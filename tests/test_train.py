@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, corpus, make_checkpoint, single_thread
+from conftest import REPO, corpus, make_checkpoint, require_shared_data, single_thread
 
 from minisbert import train
 from minisbert.checkpoint import map_state_dict, read_state_dict
@@ -34,11 +34,8 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def shared_data(relative: str) -> Path:
-    """A file of ../shared/data (KorSTS, KorNLI); the test skips, naming it, when it is absent."""
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"{path} is not present (the KorNLUDatasets files are not part of the repository)")
-    return path
+    """A file of the shared data (KorSTS, KorNLI); the test skips, naming it, when it is absent or hidden."""
+    return require_shared_data(relative)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,7 +277,7 @@ def test_shipped_recipes(tmp_path):
     card prints (the cards are in ../shared/seeds)."""
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.json"))
     assert len(recipes) == 4
-    cards = sorted((SHARED_DATA.parent / "seeds").glob("*.txt"))
+    cards = sorted((REPO.parent / "shared" / "seeds").glob("*.txt"))  # the seed cards, where present
     printed = []
     for card in cards:
         text = card.read_text(encoding="utf-8")
