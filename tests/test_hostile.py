@@ -81,7 +81,7 @@ def in_child(body: str, *args, timeout: float = 180) -> dict:
                MALLOC_ARENA_MAX="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     try:
         run = subprocess.run([sys.executable, "-c", CHILD + body, *map(str, args)], capture_output=True, text=True,
-                             timeout=timeout, env=env, cwd=REPO)
+                             timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child did not finish within {timeout} s (a hang?)")
     assert run.returncode == 0, run.stderr[-3000:]
