@@ -64,8 +64,9 @@ def _read_weights_file(path: Path, keep=None) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a sharded checkpoint, as transformers reads it: every tensor of every shard the
-    index names, and where a tensor sits in two shards, the copy in the shard the index names."""
+    """The tensors of a sharded checkpoint: every tensor of every shard the index names (as transformers
+    reads them), and of a tensor in two shards the copy in the shard the index names (transformers 5.24
+    keeps the later shard's copy, whatever the index says)."""
     try:
         raw = read_bytes(index_path, "shard index", CONFIG_LIMIT)
         weight_map = parse_json(raw, str(index_path), "shard index").get("weight_map")

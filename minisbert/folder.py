@@ -37,8 +37,8 @@ def _class_paths(kind: str, module_file: str, *packages: str) -> dict[str, str]:
 
 
 # modules.json ``type`` -> the module it names, matched exactly. sentence-transformers (6.2) imports the
-# path and takes its last name: ``sentence_transformers.models.X`` (what every version up to 5.3 wrote,
-# now a deprecated alias, also as ``models.X.X``, the class in its old module file), the module file
+# path and takes its last name: ``sentence_transformers.models.X`` (what models saved before 6.x carry,
+# now a deprecated alias; also as ``models.X.X``, the class in its old module file), the module file
 # where 6.x defines the class (what it writes when saving), and the packages that re-export it. A path
 # outside sentence_transformers (``some_pkg.custom.Pooling``) is someone else's code, which
 # sentence-transformers runs only with trust_remote_code; any other path it cannot import, or imports

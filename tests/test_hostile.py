@@ -212,6 +212,9 @@ def test_sharded_checkpoint_loads(tiny, tmp_path):
     ("index a list", r"the shard index is not a JSON object"),
     ("shard missing", r"shard 'model-00003-of-00003\.safetensors' is missing"),
     ("tensor not in its shard", r"1 tensors are not in the shard the index names for them, e\.g\. 'ghost\.weight'"),
+    ("tensor in two shards, in neither by the index",
+     r"tensor 'orphan\.weight' is in shards 'model-00001-of-00002\.safetensors' and "
+     r"'model-00002-of-00002\.safetensors', and the index names neither"),
 ])
 def test_hostile_shard_index_is_refused(tiny, tmp_path, case, pattern):
     folder = copy_of(tiny, tmp_path)
@@ -235,6 +238,9 @@ def test_hostile_shard_index_is_refused(tiny, tmp_path, case, pattern):
         weight_map[first] = "model-00003-of-00003.safetensors"
     elif case == "tensor not in its shard":
         weight_map["ghost.weight"] = weight_map[first]
+    elif case == "tensor in two shards, in neither by the index":
+        for name in sorted(set(weight_map.values())):
+            save_file(dict(load_file(folder / name), **{"orphan.weight": torch.zeros(2)}), folder / name)
     write_index(folder, weight_map)
     if case == "index a list":
         index.write_text("[]")
