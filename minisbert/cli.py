@@ -23,6 +23,7 @@ from minisbert.errors import MinisbertError
 from minisbert.fast import QUANTIZE, check_quantize
 from minisbert.loading import check_device, parse_dtype
 from minisbert.quantize import PRECISIONS
+from minisbert.tokenizer import clean_text
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,6 +49,9 @@ def _add_encode(sub) -> None:
     p.add_argument("--model", required=True,
                    help="model folder, short name from weights/models.json (e.g. all-MiniLM-L6-v2), or hub id")
     p.add_argument("--input", help="UTF-8 file with one text per line")
+    p.add_argument("--decode-errors", choices=("strict", "replace"), default="strict",
+                   help="input bytes that are not UTF-8: strict fails naming the file and line, replace reads "
+                        "each as U+FFFD")
     p.add_argument("--output", help="write .npy or .jsonl here, atomically (default: JSON lines on stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
@@ -63,9 +67,9 @@ def _add_encode(sub) -> None:
     p.add_argument("--truncate-dim", type=positive_int, help="keep the first N dimensions (Matryoshka models)")
 
 
-def read_lines(path: str | None) -> list[str]:
+def read_lines(path: str | None, errors: str = "strict") -> list[str]:
     """The lines of ``path`` (stdin when None) without their line ends; bytes that are not UTF-8 are an
-    error naming the file and line."""
+    error naming the file and line (``errors="replace"``: U+FFFD each)."""
     name = path or "<stdin>"
     if path is None:
         data = sys.stdin.buffer.read()
@@ -75,13 +79,25 @@ def read_lines(path: str | None) -> list[str]:
         except OSError as e:
             raise ValueError(f"--input {path}: {e.strerror}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, "
-                         f"e.g. iconv -f cp949 -t utf-8 FILE > FILE.utf8") from None
+                         f"e.g. iconv -f cp949 -t utf-8 FILE > FILE.utf8, or pass --decode-errors replace") from None
     # Lines as a text-mode file gives them (universal newlines), line ends dropped.
     return [line.rstrip("\r\n") for line in io.StringIO(text, newline=None)]
+
+
+def check_arguments(texts: list[str], errors: str = "strict") -> list[str]:
+    """Text arguments as given; bytes that were not UTF-8 (Python keeps them as surrogates) are an error
+    naming the argument, or U+FFFD each with ``errors="replace"``: never written into the JSON."""
+    for i, text in enumerate(texts):
+        if clean_text(text) is not text:
+            if errors == "strict":
+                raise ValueError(f"text argument {i + 1} is not UTF-8 text; pass --decode-errors replace to read "
+                                 f"its undecodable bytes as U+FFFD")
+            texts = texts[:i] + [clean_text(text)] + texts[i + 1:]
+    return texts
 
 
 def check_output(path: str) -> None:
@@ -116,7 +132,8 @@ def run_encode(args) -> int:
     check_quantize(args.quantize, device, dtype)
     if args.output:
         check_output(args.output)
-    texts = args.texts if args.texts else read_lines(args.input)
+    errors = args.decode_errors
+    texts = check_arguments(args.texts, errors) if args.texts else read_lines(args.input, errors)
     encoder = SentenceEncoder.from_pretrained(args.model, device=device, dtype=dtype, revision=args.revision,
                                               quantize=args.quantize)
     if args.max_seq_length:

@@ -203,8 +203,8 @@ class SentenceEncoder:
         model's default prompt) is prepended to every text; embeddings are cut to ``truncate_dim``
         (default ``self.truncate_dim``) after the model's Normalize and before ``normalize_embeddings``.
         """
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else check_texts(sentences)
+        single = isinstance(sentences, (str, dict))  # a dict is one multimodal input, as in sentence-transformers
+        texts = check_texts([sentences] if single else sentences)
         prompt = self.resolve_prompt(prompt, prompt_name)
         if prompt:
             if not self.folder.pooling.include_prompt:

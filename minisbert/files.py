@@ -1,4 +1,5 @@
-"""Every small file minisbert reads (JSON configs, tokenizer files, vocabularies) goes through here.
+"""Every small file minisbert reads (JSON configs, tokenizer files, vocabularies) goes through here;
+weights files are checked here (``regular_file``) before ``minisbert.checkpoint`` opens them.
 
 A model folder is untrusted input: a "config" may be a FIFO that blocks ``open`` forever, a symlink
 to ``/dev/zero``, a sparse multi-GB file, or JSON nested deep enough to exhaust the parser's stack.
@@ -20,6 +21,9 @@ from minisbert.errors import ConfigError, ModelNotFoundError
 # tokenizer.json of a public multilingual model is ~20 MB (XLM-R's 250k pieces); 256 MiB is generous.
 CONFIG_LIMIT = 16 << 20
 TOKENIZER_LIMIT = 256 << 20
+# A weights file is mapped or checked record by record, never read whole, but it is bounded too: the
+# largest single file of a public sentence encoder is a few GB, and larger models come in shards.
+WEIGHTS_LIMIT = 64 << 30
 
 
 def regular_file(path: Path, what: str, limit: int) -> int:
@@ -28,6 +32,8 @@ def regular_file(path: Path, what: str, limit: int) -> int:
     try:
         info = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device here
     except FileNotFoundError:
+        if os.path.islink(path):  # present, but pointing nowhere: not the same as absent (a default)
+            raise ModelNotFoundError(f"{path}: the {what} is a broken symbolic link (to {os.readlink(path)})") from None
         raise ModelNotFoundError(f"{path}: missing {what}") from None
     except OSError as e:
         raise ConfigError(f"{path}: unreadable {what} ({e.strerror})") from None

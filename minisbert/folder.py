@@ -24,10 +24,37 @@ from minisbert.errors import CheckpointError, ConfigError, ModelNotFoundError, U
 from minisbert.files import TOKENIZER_LIMIT, read_json
 from minisbert.pooling import PoolingConfig
 
-# sentence-transformers module types, by the class name at the end of their import path.
 # KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/kobert.py.
 TRANSFORMER_TYPES = ("Transformer", "KoBertTransformer")
 KINDS = TRANSFORMER_TYPES + ("Pooling", "Dense", "Normalize")
+
+
+def _class_paths(kind: str, module_file: str, *packages: str) -> dict[str, str]:
+    """The spellings of one sentence-transformers class in modules.json -> ``kind``."""
+    paths = [f"sentence_transformers.models.{kind}", f"sentence_transformers.models.{kind}.{kind}",
+             f"sentence_transformers.{module_file}.{kind}", *(f"sentence_transformers.{p}.{kind}" for p in packages)]
+    return dict.fromkeys(paths, kind)
+
+
+# modules.json ``type`` -> the module it names, matched exactly. sentence-transformers (6.2) imports the
+# path and takes its last name: ``sentence_transformers.models.X`` (what models saved before 6.x carry,
+# now a deprecated alias; also as ``models.X.X``, the class in its old module file), the module file
+# where 6.x defines the class (what it writes when saving), and the packages that re-export it. A path
+# outside sentence_transformers (``some_pkg.custom.Pooling``) is someone else's code, which
+# sentence-transformers runs only with trust_remote_code; any other path it cannot import, or imports
+# as another class. Both are refused, whatever their last name. tests/test_hostile.py resolves every
+# entry with sentence-transformers' own import_module_class.
+MODULE_TYPES = {
+    **_class_paths("Transformer", "base.modules.transformer", "base.modules", "sentence_transformer.modules"),
+    **_class_paths("Pooling", "sentence_transformer.modules.pooling", "sentence_transformer.modules"),
+    **_class_paths("Dense", "base.modules.dense", "base.modules", "sentence_transformer.modules"),
+    # 5.x defined Normalize in sentence_transformer/modules/normalize.py (a deprecated alias in 6.x).
+    **_class_paths("Normalize", "base.modules.normalize", "base.modules", "sentence_transformer.modules",
+                   "sentence_transformer.modules.normalize"),
+    # ko-sentence-transformers' class, in its module file of the same name (as sentence-transformers 2.x wrote it).
+    "ko_sentence_transformers.models.KoBertTransformer": "KoBertTransformer",
+    "ko_sentence_transformers.models.KoBertTransformer.KoBertTransformer": "KoBertTransformer",
+}
 
 # The weights files of a module folder, preferred in this order (safetensors before the legacy pickle).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -178,10 +205,12 @@ def read_modules(root: Path) -> list[Module] | None:
         rel = os.path.normpath(entry.get("path") or ".")
         if os.path.isabs(rel) or rel.split(os.sep)[0] == "..":
             raise ConfigError(f"{path}: module path {entry['path']!r} leads outside the model folder")
-        kind = entry["type"].rsplit(".", 1)[-1]
-        if kind not in KINDS:
-            raise UnsupportedModuleError(f"{path}: module {entry['type']!r} is not implemented by minisbert "
-                                         f"(supported: {', '.join(KINDS)})")
+        kind = MODULE_TYPES.get(entry["type"])
+        if kind is None:
+            raise UnsupportedModuleError(
+                f"{path}: module {entry['type']!r} is not implemented by minisbert (supported: sentence-transformers' "
+                f"{', '.join(KINDS[:1] + KINDS[2:])} as sentence_transformers.models.<name> or their 6.x module "
+                f"paths, and ko_sentence_transformers.models.KoBertTransformer)")
         modules.append(Module(kind, entry["type"], "" if rel == "." else rel))
     if not modules:
         raise ConfigError(f"{path}: the module list is empty")
@@ -217,6 +246,7 @@ def read_tokenizer_files(folder: Path, kobert: bool = False) -> TokenizerFiles:
     SentencePiece model and ``vocab.txt``), with ``tokenizer_config.json`` and ``special_tokens_map.json``."""
     folder = Path(folder)
     config = read_json(folder / "tokenizer_config.json", "tokenizer config", default={}, limit=TOKENIZER_LIMIT)
+    check_tokenizer_config(config, folder / "tokenizer_config.json")
     specials = read_json(folder / "special_tokens_map.json", "special tokens map", default={})
     added = read_json(folder / "added_tokens.json", "added tokens", default={})
     present = {name: folder / name for name in ("tokenizer.json", "vocab.txt") if os.path.lexists(folder / name)}
@@ -236,6 +266,27 @@ def read_tokenizer_files(folder: Path, kobert: bool = False) -> TokenizerFiles:
                                  f"tokenizer_config.json)")
     return TokenizerFiles(folder, config, specials, present.get("tokenizer.json"), present.get("vocab.txt"),
                           spm, added)
+
+
+# tokenizer_config.json keys the tokenizer is built from (``tokenizer.wordpiece_from_vocab``) and the
+# values each may take; the special tokens may also be AddedToken objects ({"content": "[UNK]", ...}).
+TOKENIZER_FLAGS = {"do_lower_case": (bool,), "tokenize_chinese_chars": (bool,), "strip_accents": (bool, type(None))}
+SPECIAL_TOKENS = ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
+
+
+def check_tokenizer_config(config: dict, path: Path) -> None:
+    """Refuse values the tokenizer cannot be built from, naming the file and key (``"yes"`` for a flag
+    otherwise surfaces as a conversion error from the tokenizers library naming neither)."""
+    for key, types in TOKENIZER_FLAGS.items():
+        if key in config and not isinstance(config[key], types):
+            allowed = "true or false" + (" or null" if type(None) in types else "")
+            raise ConfigError(f"{path}: {key}={config[key]!r} must be {allowed}")
+    for key in SPECIAL_TOKENS:
+        value = config.get(key)
+        content = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(content, str):
+            raise ConfigError(f"{path}: {key}={value!r} must be a token string or an AddedToken object with a "
+                              f"string content")
 
 
 def find_weights(folder: Path) -> Path:

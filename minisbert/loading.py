@@ -48,6 +48,7 @@ def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.d
     else:
         tokenizer = TextTokenizer.from_files(folder.tokenizer, folder.do_lower_case,
                                              fallback_pad_id=model.config.pad_token_id)
+    check_token_ids(tokenizer, model.config.vocab_size, folder)
     width = model.config.hidden_size * len(folder.pooling.modes)  # what Pooling gives
     dense = []
     for module in folder.dense:  # each takes the width the one before gives
@@ -55,6 +56,22 @@ def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.d
         width = module.config.out_features
     # Like sentence-transformers, never let the tokenizer produce more tokens than positions exist.
     return Loaded(arch, model, dense, tokenizer, limit, min(folder.max_seq_length or limit, limit))
+
+
+def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int, folder: ModelFolder) -> None:
+    """Every id the tokenizer can produce must have a row in the embedding table: an id past it would load
+    and then fail with an IndexError at the first text that contains its token."""
+    if isinstance(tokenizer, KoBertTokenizer):
+        ids, source = tokenizer.vocab, folder.tokenizer.vocab_txt
+    else:
+        ids = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+        source = folder.tokenizer.tokenizer_json or folder.tokenizer.vocab_txt
+    token, top = max(ids.items(), key=lambda kv: kv[1], default=("", -1))
+    if tokenizer.pad_id > top:
+        token, top = "(padding)", tokenizer.pad_id
+    if top >= vocab_size:
+        raise ConfigError(f"{source}: token {token!r} has id {top}, but the model has vocab_size={vocab_size} "
+                          f"({folder.transformer_dir / 'config.json'}): no embedding for it")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -5,6 +5,7 @@ torch's compiler stack."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from minisbert import SentenceEncoder, __version__, cli
 
@@ -56,6 +58,36 @@ def test_undecodable_input_names_file_and_line(capsys, no_loading, tmp_path):
     path.write_bytes("첫 줄\n둘째 줄\n".encode() + "셋째".encode("cp949") + b"\n")
     code, _, err = run_cli(capsys, "encode", "--model", "all-MiniLM-L6-v2", "--input", str(path))
     assert code == 2 and f"{path}:3: not UTF-8 text" in err and "iconv" in err, err
+
+
+CP949_SECOND_LINE = "첫 줄\n".encode() + "둘째 줄".encode("cp949") + b"\n"
+
+
+@pytest.mark.parametrize("to_file", [True, False], ids=["--output", "stdout"])
+def test_undecodable_stdin_is_refused_before_loading_and_writes_nothing(tmp_path, to_file):
+    """Before: all the work done, then the existing output truncated to 0 bytes, or invalid UTF-8 JSON on
+    stdout with exit status 0. Now: refused before the model loads, naming the stream and line."""
+    out = tmp_path / "existing.jsonl"
+    out.write_text("precious\n")
+    command = [sys.executable, "-m", "minisbert", "encode", "--model", "all-MiniLM-L6-v2"]
+    run = subprocess.run(command + (["--output", str(out)] if to_file else []), input=CP949_SECOND_LINE,
+                         capture_output=True, timeout=300, cwd=REPO)
+    assert run.returncode == 2 and b"<stdin>:2: not UTF-8 text" in run.stderr, run.stderr
+    assert run.stdout == b"" and out.read_text() == "precious\n" and [p.name for p in tmp_path.iterdir()] == [
+        "existing.jsonl"]
+
+
+def test_decode_errors_replace_reads_undecodable_bytes_as_replacement_characters(capsys, tiny_bert, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\xfe tail\n")))
+    code, out, err = run_cli(capsys, "encode", "--model", str(tiny_bert), "--decode-errors", "replace")
+    assert code == 0, err
+    assert [json.loads(line)["text"] for line in out.splitlines()] == ["ok", "\ufffd\ufffd tail"]
+
+
+def test_undecodable_text_argument_is_refused_naming_it(capsys, no_loading):
+    """Python keeps an argument's undecodable bytes as surrogates, which would reach the JSON output."""
+    code, _, err = run_cli(capsys, "encode", "--model", "all-MiniLM-L6-v2", "ok", "bad\udcff")
+    assert code == 2 and "text argument 2 is not UTF-8 text" in err, err
 
 
 def test_unwritable_output_fails_before_loading(capsys, no_loading, tmp_path):
