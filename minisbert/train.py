@@ -338,7 +338,7 @@ def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
         input_ids, mask = (t.to(encoder.device) for t in pad_ids([ids[i] for i in rows], encoder.tokenizer.pad_id))
         states = encoder.model(input_ids, mask)  # (b, T, C)
         # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
-        modes = encoder.folder.pooling.modes
+        modes = encoder.pooling.modes
         pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool(states, mask, modes))  # (b, C * modes)
     order = torch.tensor([i for rows in groups for i in rows], device=encoder.device)
     pooled = torch.cat(pooled)[torch.argsort(order)]  # back to the order of ``texts``
