@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minisbert.cpu import cpu_kind
 from minisbert.data import Examples, Sampler, read_examples
 from minisbert.encoder import SentenceEncoder
 from minisbert.kernels import masked_mean
@@ -393,15 +394,6 @@ def evaluate(encoder: SentenceEncoder, modules: list[nn.Module], pairs, output: 
     return row
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 # ---------------------------------------------------------------------------------------------------
 # The fit loop
 
@@ -440,7 +432,7 @@ def fit(encoder: SentenceEncoder, recipe: Recipe, output: str | Path | None = No
     amp_dtype, scaler = None, None
     if cfg.use_amp and device.type == "cuda":
         amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
-    elif cfg.use_amp and native_bf16():
+    elif cfg.use_amp and cpu_kind().native_bf16:
         amp_dtype = torch.bfloat16
     elif cfg.use_amp:
         log.warning("use_amp: this CPU has no native bf16 (AVX512_BF16 or AMX); training in float32")

@@ -25,6 +25,7 @@ from conftest import DEFAULT_SHARED_DATA, corpus, make_checkpoint, require_share
 
 from minisbert import train
 from minisbert.checkpoint import map_state_dict, read_state_dict
+from minisbert.cpu import cpu_kind
 from minisbert.data import DataError, Examples, Sampler, read_examples
 from minisbert.encoder import SentenceEncoder
 from minisbert.losses import cosine_similarity_loss, get_loss, multiple_negatives_ranking_loss
@@ -590,7 +591,7 @@ def test_without_evaluator_the_final_model_is_saved(checkpoints, files, tmp_path
         assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
 
 
-@pytest.mark.skipif(not train.native_bf16(), reason="this CPU has no native bf16 (AVX512_BF16 or AMX)")
+@pytest.mark.skipif(not cpu_kind().native_bf16, reason="this CPU has no native bf16 (AVX512_BF16 or AMX)")
 def test_use_amp_on_cpu_runs_bf16(checkpoints, files):
     """use_amp on a CPU: bf16 autocast; losses close to float32's (bf16 keeps 8 bits of mantissa)."""
     with single_thread():
