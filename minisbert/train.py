@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minisbert.cpu import cpu_kind
 from minisbert.data import Examples, Sampler, read_examples
 from minisbert.encoder import SentenceEncoder
 from minisbert.kernels import masked_mean
@@ -338,7 +339,7 @@ def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
         input_ids, mask = (t.to(encoder.device) for t in pad_ids([ids[i] for i in rows], encoder.tokenizer.pad_id))
         states = encoder.model(input_ids, mask)  # (b, T, C)
         # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
-        modes = encoder.folder.pooling.modes
+        modes = encoder.pooling.modes
         pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool(states, mask, modes))  # (b, C * modes)
     order = torch.tensor([i for rows in groups for i in rows], device=encoder.device)
     pooled = torch.cat(pooled)[torch.argsort(order)]  # back to the order of ``texts``
@@ -393,15 +394,6 @@ def evaluate(encoder: SentenceEncoder, modules: list[nn.Module], pairs, output: 
     return row
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 # ---------------------------------------------------------------------------------------------------
 # The fit loop
 
@@ -440,7 +432,7 @@ def fit(encoder: SentenceEncoder, recipe: Recipe, output: str | Path | None = No
     amp_dtype, scaler = None, None
     if cfg.use_amp and device.type == "cuda":
         amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
-    elif cfg.use_amp and native_bf16():
+    elif cfg.use_amp and cpu_kind().native_bf16:
         amp_dtype = torch.bfloat16
     elif cfg.use_amp:
         log.warning("use_amp: this CPU has no native bf16 (AVX512_BF16 or AMX); training in float32")

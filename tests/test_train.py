@@ -25,6 +25,7 @@ from conftest import REPO, corpus, make_checkpoint, require_shared_data, single_
 
 from minisbert import train
 from minisbert.checkpoint import map_state_dict, read_state_dict
+from minisbert.cpu import cpu_kind
 from minisbert.data import DataError, Examples, Sampler, read_examples
 from minisbert.encoder import SentenceEncoder
 from minisbert.losses import cosine_similarity_loss, get_loss, multiple_negatives_ranking_loss
@@ -187,9 +188,9 @@ def test_kornli_triplets(tmp_path):
 
 
 def test_korsts_and_kornli_files():
-    korsts = read_examples([shared_data("korsts/sts-train.tsv")], "korsts", random.Random(0))
+    korsts = read_examples([require_shared_data("korsts/sts-train.tsv")], "korsts", random.Random(0))
     assert len(korsts) == 5749 and korsts.scores[0] == 1.0 and korsts.scores[1] == pytest.approx(3.8 / 5)
-    files = [shared_data("kornli/xnli.dev.ko.tsv"), shared_data("kornli/xnli.test.ko.tsv")]
+    files = [require_shared_data("kornli/xnli.dev.ko.tsv"), require_shared_data("kornli/xnli.test.ko.tsv")]
     nli = read_examples(files, "kornli", random.Random(0))
     pairs = {"entailment": set(), "contradiction": set()}
     for f in files:
@@ -451,3 +452,158 @@ def test_first_step_loss_and_gradients(checkpoints, files, arch, objective):
         report[name] = f"{diff:.1e} (old_fit vs float64 {st_error:.1e}, minisbert {ours_error:.1e})"
         assert diff <= max(1e-5, 2 * st_error), f"{name}: gradients differ by {report[name]}"
         assert ours_error <= max(1e-5, 1.5 * st_error), f"{name}: gradient vs float64: {report[name]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# With dropout on: the same noise, statistically
+
+
+@pytest.fixture(scope="module")
+def noisy_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints with transformers' default dropout (0.1 everywhere) and initializer_range 0.3:
+    with BERT's 0.02 the branches' outputs are so small next to the residual stream that the
+    embeddings' dropout makes 99% of the noise, and the other sites would go unseen."""
+    root = tmp_path_factory.mktemp("noisy")
+    return {arch: make_checkpoint(root / arch, arch, config={"initializer_range": 0.3}) for arch in ARCHS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_noise_equals_transformers(noisy_checkpoints, arch):
+    """Each side embeds the same 16 texts 200 times in train mode; the statistic of one forward is the
+    mean squared deviation of its embeddings from the eval-mode ones. The two samples' means must agree
+    within 4 standard errors (Welch). Measured with 100 forwards: leaving out any one dropout site
+    (embeddings, attention probabilities, attention output, FFN output, DeBERTa's relative table) moves
+    the mean by 5-27% and z by 4-27; 200 forwards put each at z >= 5.6."""
+    from sentence_transformers import SentenceTransformer
+
+    path, texts, K = noisy_checkpoints[arch], corpus(16, seed=5), 200
+    torch.manual_seed(0)
+    with single_thread(), torch.no_grad():
+        ours = SentenceEncoder.from_pretrained(path)
+        clean = train.embed(ours, texts)
+        ours.model.train()
+        a = np.array([((train.embed(ours, texts) - clean) ** 2).mean().item() for _ in range(K)])
+        st = SentenceTransformer(str(path), device="cpu").eval()
+        features = st.preprocess(texts)
+        clean = st(dict(features))["sentence_embedding"]
+        st.train()
+        b = np.array([((st(dict(features))["sentence_embedding"] - clean) ** 2).mean().item() for _ in range(K)])
+    z = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / K + b.var(ddof=1) / K)
+    assert abs(z) <= 4, f"dropout noise: minisbert {a.mean():.4e}, transformers {b.mean():.4e} (z = {z:.1f})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_training_runs_agree(noisy_checkpoints, files, arch):
+    """The mnr+cosine run of ``test_steps_equal_old_fit`` with dropout on, 4 seeds on each side. Each run's
+    update (trained minus initial weights) is one draw; the two sides' mean updates must differ by no
+    more than their seed-to-seed spread allows: ||mean_a - mean_b||^2 / (s_a^2 / n + s_b^2 / n) <= 2,
+    s^2 the unbiased total variance of a side's updates. Without a difference in distribution the ratio
+    is ~1 (many weakly correlated coordinates average out); measured 0.99-1.02. A coarse check: with the
+    attention probabilities' dropout left out on our side it still measured 0.98, because one site
+    barely moves the mean update; ``test_dropout_noise_equals_transformers`` is the one that sees it."""
+    from sentence_transformers import SentenceTransformer
+
+    path, n = noisy_checkpoints[arch], 4
+    rec = recipe(files, [MNR, COSINE])
+    examples = [read_examples(list(o.data), o.format, random.Random(0)) for o in rec.objectives]
+    ours_updates, st_updates = [], []
+    with single_thread():
+        for seed in range(n):
+            ours = SentenceEncoder.from_pretrained(path)
+            names = hf_names(path, ours)
+            before = {k: p.detach().clone() for k, p in ours.model.named_parameters()}
+            train.fit(ours, rec, None, seed=seed, progress=False)
+            after = ours.model.named_parameters()
+            ours_updates.append(torch.cat([(p.detach() - before[k]).flatten() for k, p in after]))
+            st = SentenceTransformer(str(path), device="cpu")
+            torch.manual_seed(100 + seed)
+            st.old_fit(list(zip(st_loaders(examples), st_losses(st, [MNR, COSINE], []))), epochs=2,
+                       warmup_steps=3, optimizer_params={"lr": 1e-3}, show_progress_bar=False)
+            params = dict(st.named_parameters())
+            st_updates.append(torch.cat([(params["0.model." + names[k]].detach() - before[k]).flatten()
+                                         for k in before]))
+    a, b = torch.stack(ours_updates), torch.stack(st_updates)
+    spread = lambda u: ((u - u.mean(0)) ** 2).sum() / (len(u) - 1)  # noqa: E731
+    ratio = ((a.mean(0) - b.mean(0)) ** 2).sum() / (spread(a) / n + spread(b) / n)
+    print(f"\n{arch}: ratio {ratio:.3f}, update norms {a.norm(dim=1).mean():.3f} / {b.norm(dim=1).mean():.3f}")
+    assert ratio <= 2, f"mean updates differ by {ratio:.2f} times what the seed-to-seed spread allows"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command and its output folder
+
+
+def korsts_file(path: Path, texts: list[str], n: int = 24) -> Path:
+    """A KorSTS-format TSV (header, score 0-5) of ``n`` pairs of ``texts``."""
+    rows = ["genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2"]
+    rows += [f"g\tf\t2012\t{i:04d}\t{(i * 7) % 26 / 5:.3f}\t{texts[2 * i]}\t{texts[2 * i + 1]}" for i in range(n)]
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_train_command_writes_the_best_model(checkpoints, files, tmp_path):
+    """``minisbert train``: the saved folder is the best evaluation's model, loads in sentence-transformers
+    with minisbert's embeddings, and the evaluation CSV and loss log hold every evaluation and step."""
+    from sentence_transformers import SentenceTransformer
+
+    from minisbert.cli import main
+    from minisbert.sts import evaluate_sts, read_sts
+
+    texts = [t.replace("\t", " ") for t in corpus(60, seed=9)]
+    dev = korsts_file(tmp_path / "sts-dev.tsv", texts)
+    raw = {"max_seq_length": 64,
+           "objectives": [{"data": str(files["scored-pairs"]), "format": "scored-pairs",
+                           "loss": "CosineSimilarityLoss", "batch_size": 16, "sampler": "shuffle"}],
+           "fit": {"epochs": 2, "evaluation_steps": 2, "warmup_steps": 1, "optimizer_params": {"lr": 1e-3}},
+           "evaluator": {"data": str(dev), "format": "korsts"}}
+    (tmp_path / "recipe.json").write_text(json.dumps(raw), encoding="utf-8")
+    out = tmp_path / "out"
+    with single_thread():
+        assert main(["train", "--model", str(checkpoints["bert"]), "--recipe", str(tmp_path / "recipe.json"),
+                     "--output", str(out), "--seed", "1"]) == 0
+    rows = (out / "eval" / "similarity_evaluation_sts-dev_results.csv").read_text().splitlines()
+    assert rows[0] == "epoch,steps,cosine_pearson,cosine_spearman,euclidean_pearson,euclidean_spearman," \
+                      "manhattan_pearson,manhattan_spearman,dot_pearson,dot_spearman"
+    steps = [tuple(r.split(",")[:2]) for r in rows[1:]]
+    assert steps == [("0", "2"), ("0", "4"), ("0", "-1"), ("1", "2"), ("1", "4"), ("1", "-1")]  # 4 batches an epoch
+    losses = (out / "train_loss.csv").read_text().splitlines()
+    assert losses[0] == "epoch,step,objective,loss,lr" and len(losses) == 1 + 8
+    scores = [max(float(x) for x in r.split(",")[3::2]) for r in rows[1:]]  # the four Spearman columns
+    with single_thread():
+        saved = SentenceEncoder.from_pretrained(out)
+        data = read_sts(dev)
+        figures = evaluate_sts(saved, data.sentences1, data.sentences2, data.scores)
+        assert max(v for k, v in figures.items() if k.endswith("spearman")) == pytest.approx(max(scores), abs=1e-12)
+        assert saved.max_seq_length == 64
+        emb = saved.encode(texts[:10])
+        reference = SentenceTransformer(str(out), device="cpu").encode(texts[:10])
+    assert np.abs(emb - reference).max() <= 1e-5
+    # A second run into the same folder is refused before anything loads.
+    assert main(["train", "--model", str(checkpoints["bert"]), "--recipe", str(tmp_path / "recipe.json"),
+                 "--output", str(out)]) == 2
+
+
+def test_without_evaluator_the_final_model_is_saved(checkpoints, files, tmp_path):
+    rec = recipe(files, [COSINE], epochs=1)
+    with single_thread():
+        encoder = SentenceEncoder.from_pretrained(checkpoints["roberta"])
+        train.fit(encoder, rec, tmp_path / "out", progress=False)
+        saved = SentenceEncoder.from_pretrained(tmp_path / "out")
+        for (name, a), b in zip(encoder.model.state_dict().items(), saved.model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
+
+
+@pytest.mark.skipif(not cpu_kind().native_bf16, reason="this CPU has no native bf16 (AVX512_BF16 or AMX)")
+def test_use_amp_on_cpu_runs_bf16(checkpoints, files):
+    """use_amp on a CPU: bf16 autocast; losses close to float32's (bf16 keeps 8 bits of mantissa)."""
+    with single_thread():
+        fp32 = train.fit(SentenceEncoder.from_pretrained(checkpoints["deberta-v2"]), recipe(files, [MNR], epochs=1),
+                         progress=False)
+        amp = train.fit(SentenceEncoder.from_pretrained(checkpoints["deberta-v2"]),
+                        recipe(files, [MNR], epochs=1, use_amp=True), progress=False)
+    a, b = np.array([r["loss"] for r in amp.losses]), np.array([r["loss"] for r in fp32.losses])
+    assert np.all(np.isfinite(a)) and not np.array_equal(a, b)
+    assert np.abs(a - b).max() <= 0.05 * np.abs(b).max(), (a, b)
