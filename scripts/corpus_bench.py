@@ -136,7 +136,8 @@ def throughput(args) -> dict:
 
         t = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get(
+                     "PYTHONPATH")]))}})
         result["ray_init_s"] = time.perf_counter() - t
         print(f"ray.init: {result['ray_init_s']:.1f} s", flush=True)
     systems = list(args.systems)
