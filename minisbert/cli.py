@@ -192,7 +192,7 @@ def _add_embed_corpus(sub) -> None:
     p.add_argument("--id-column", help="column (JSON field) of the ids (default: the row's position in the inputs)")
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="run here, or on Ray Data")
     p.add_argument("--workers", type=positive_int, default=1,
-                   help="local: processes of the multi-process pool; ray: actors, each with one encoder")
+                   help="local: worker processes (cores / N threads each); ray: actors; each with one encoder")
     p.add_argument("--threads", type=positive_int,
                    help="ray: CPUs (torch threads) per actor (default: the cluster's CPUs / workers)")
     p.add_argument("--batch-size", type=positive_int, default=32,

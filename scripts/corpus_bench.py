@@ -9,7 +9,7 @@ Systems, each a whole job from the corpus file to embeddings, startup included (
 workers or actors), as a user would run it:
 
 - ``local-1``: ``embed-corpus --engine local`` in this process (torch's default threads: every core);
-- ``local-2``: the same with ``--workers 2`` (the encoder's multi-process pool);
+- ``local-2``: the same with ``--workers 2`` (two worker processes of one thread, each embedding whole parts);
 - ``ray-2``: ``--engine ray --workers 2 --threads 1`` on a local Ray instance of every core, started once
   before the first round (its start is reported apart: a cluster is up before a job);
 - ``st-pool``: sentence-transformers' ``start_multi_process_pool(["cpu"] * 2)`` and ``encode(pool=...)``
@@ -47,23 +47,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "scripts"))
+sys.path.insert(2, str(REPO / "tests"))
 
 SYSTEMS = ("local-1", "local-2", "ray-2", "st-pool")
 FILES = ("korsts/sts-train.tsv", "korsts/sts-dev.tsv", "korsts/sts-test.tsv", "kornli/xnli.dev.ko.tsv",
          "kornli/xnli.test.ko.tsv")
 
 
-def shared_data() -> Path:
-    return Path(os.environ.get("MINISBERT_SHARED_DATA") or REPO.parent / "shared" / "data")
-
-
 def sentences(rows: int) -> list[str]:
     """``rows`` sentences of KorSTS and KorNLI in file order, repeated when more are asked for."""
+    from conftest import shared_data  # the one lookup of the shared data (MINISBERT_SHARED_DATA)
+
     out = []
     for name in FILES:
-        path = shared_data() / name
-        if not path.is_file():
-            sys.exit(f"{path}: missing (set MINISBERT_SHARED_DATA to the folder holding korsts/ and kornli/)")
+        path = shared_data(name)
+        if path is None:
+            sys.exit(f"{name}: not in the shared data (set MINISBERT_SHARED_DATA to the folder of korsts/, kornli/)")
         with open(path, encoding="utf-8", newline="") as f:
             for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
                 out += [row["sentence1"], row["sentence2"]]
@@ -137,7 +136,8 @@ def throughput(args) -> dict:
 
         t = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get(
+                     "PYTHONPATH")]))}})
         result["ray_init_s"] = time.perf_counter() - t
         print(f"ray.init: {result['ray_init_s']:.1f} s", flush=True)
     systems = list(args.systems)
