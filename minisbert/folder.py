@@ -142,7 +142,7 @@ def read_folder(root: str | os.PathLike) -> ModelFolder:
         path = root / modules[p].path / "config.json"
         pooling = PoolingConfig.from_dict(read_json(path, "pooling config"), str(path))
     head = tuple(read_head_module(m.kind, root / m.path) for m in modules[p + 1:])
-    normalize = kinds[-1] == "Normalize"
+    normalize = any(isinstance(m, NormalizeModule) for m in head)
     dense = tuple(m for m in head if isinstance(m, DenseModule))
 
     config_path = transformer_dir / "config.json"

@@ -20,7 +20,7 @@ from minisbert import checkpoint
 from minisbert.dense import NAMES as DENSE_NAMES
 from minisbert.dense import Dense
 from minisbert.errors import CheckpointError, ConfigError
-from minisbert.folder import DenseModule, LayerNormModule, ModelFolder
+from minisbert.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
 from minisbert.kobert import KoBertTokenizer
 from minisbert.models import ARCHITECTURES
 from minisbert.modules import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm, Normalize, WeightedLayerPooling
@@ -173,7 +173,7 @@ def load_layer_norm(module: LayerNormModule, width: int, device: str | torch.dev
     return fill(norm, LAYER_NORM_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device, dtype)
 
 
-def load_layer_pooling(module, model: nn.Module, device: str | torch.device = "cpu",
+def load_layer_pooling(module: LayerPoolingModule, model: nn.Module, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> WeightedLayerPooling:
     """WeightedLayerPooling over ``model``'s hidden states: one weight per layer from ``layer_start`` on."""
     cfg, path = module.config, module.folder / "config.json"

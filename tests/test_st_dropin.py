@@ -465,7 +465,7 @@ def st_modules():
 
 
 @pytest.mark.parametrize("hidden_states", [True, False])
-def test_layer_norm_and_weighted_layer_pooling_equal_sentence_transformers(tmp_path, hidden_states):
+def test_layer_norm_and_weighted_layer_pooling_equal_sentence_transformers(tmp_path, monkeypatch, hidden_states):
     """WeightedLayerPooling acts only when config.json says output_hidden_states, as in sentence-transformers."""
     from sentence_transformers.base.modules import Dense, Normalize
 
@@ -499,6 +499,17 @@ def test_layer_norm_and_weighted_layer_pooling_equal_sentence_transformers(tmp_p
     assert [type(m).__name__ for m in saved] == [type(m).__name__ for m in ref]
     assert max_diff(saved.encode(TEXTS), enc.encode(TEXTS)) <= TOL
     assert max_diff(SentenceEncoder.from_pretrained(tmp_path / "out").encode(TEXTS), enc.encode(TEXTS)) == 0.0
+    # From the hub, their weights are fetched with the transformer's.
+    from test_hub import FakeHub
+
+    from minisbert import hub
+    fake = FakeHub(tmp_path / "out", tmp_path / "fetched")
+    monkeypatch.setattr(hub, "snapshot_download", fake)
+    assert max_diff(SentenceEncoder.from_pretrained("org/saved").encode(TEXTS), enc.encode(TEXTS)) == 0.0
+    assert {"1_WeightedLayerPooling/model.safetensors", "5_LayerNorm/model.safetensors"} <= fake.fetched
+    # trace() pools what encode pools: the weighted layers when they are active.
+    traced = torch.stack([t.sentence_embedding for t in enc.trace(TEXTS[:4])])
+    assert max_diff(traced, enc.encode(TEXTS[:4])) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------------
