@@ -5,7 +5,8 @@ in the order they run (Transformer, Pooling, Dense..., Normalize), each in its o
 own config; ``sentence_bert_config.json`` holds the transformer's ``max_seq_length`` and
 ``do_lower_case``; ``config_sentence_transformers.json`` the prompts, similarity function and
 ``truncate_dim``. A plain Hugging Face folder (no ``modules.json``) is read as Transformer + mean
-pooling, as sentence-transformers reads it.
+pooling, as sentence-transformers reads it. Between the Transformer and Pooling a WeightedLayerPooling
+may sit; after Pooling, any sequence of Dense, LayerNorm and Normalize (the "head", run in order).
 
 Everything here only reads and checks: nothing builds a model or touches weights (``loading`` does),
 and every file goes through ``minisbert.files`` (bounded, regular files only). The hub download reads
@@ -22,11 +23,13 @@ from pathlib import Path
 from minisbert.dense import DenseConfig
 from minisbert.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModuleError
 from minisbert.files import TOKENIZER_LIMIT, read_json
+from minisbert.modules import LayerNormConfig, WeightedLayerPoolingConfig
 from minisbert.pooling import PoolingConfig
 
 # KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/kobert.py.
 TRANSFORMER_TYPES = ("Transformer", "KoBertTransformer")
-KINDS = TRANSFORMER_TYPES + ("Pooling", "Dense", "Normalize")
+HEAD_KINDS = ("Dense", "LayerNorm", "Normalize")  # the modules that may follow Pooling, in any order
+KINDS = TRANSFORMER_TYPES + ("WeightedLayerPooling", "Pooling") + HEAD_KINDS
 
 
 def _class_paths(kind: str, module_file: str, *packages: str) -> dict[str, str]:
@@ -51,6 +54,9 @@ MODULE_TYPES = {
     # 5.x defined Normalize in sentence_transformer/modules/normalize.py (a deprecated alias in 6.x).
     **_class_paths("Normalize", "base.modules.normalize", "base.modules", "sentence_transformer.modules",
                    "sentence_transformer.modules.normalize"),
+    **_class_paths("LayerNorm", "sentence_transformer.modules.layer_norm", "sentence_transformer.modules"),
+    **_class_paths("WeightedLayerPooling", "sentence_transformer.modules.weighted_layer_pooling",
+                   "sentence_transformer.modules"),
     # ko-sentence-transformers' class, in its module file of the same name (as sentence-transformers 2.x wrote it).
     "ko_sentence_transformers.models.KoBertTransformer": "KoBertTransformer",
     "ko_sentence_transformers.models.KoBertTransformer.KoBertTransformer": "KoBertTransformer",
@@ -107,6 +113,26 @@ class DenseModule:
 
 
 @dataclass(frozen=True)
+class LayerNormModule:
+    folder: Path
+    config: LayerNormConfig
+    weights: Path
+
+
+@dataclass(frozen=True)
+class NormalizeModule:
+    folder: Path
+
+
+@dataclass(frozen=True)
+class LayerPoolingModule:
+    """WeightedLayerPooling (``minisbert.modules``), between the Transformer and Pooling."""
+    folder: Path
+    config: WeightedLayerPoolingConfig
+    weights: Path
+
+
+@dataclass(frozen=True)
 class ModelFolder:
     """Everything minisbert needs from a model folder, read and checked."""
     root: Path
@@ -121,6 +147,10 @@ class ModelFolder:
     max_seq_length: int | None  # sentence_bert_config.json's, else tokenizer_config.json's model_max_length
     do_lower_case: bool  # sentence_bert_config.json's: lowercase before tokenizing
     settings: Settings
+    # The modules after Pooling in the order they run (Dense, LayerNorm, Normalize); ``dense`` and
+    # ``normalize`` above say the same for the common layouts.
+    head: tuple[DenseModule | LayerNormModule | NormalizeModule, ...] = ()
+    layer_pooling: LayerPoolingModule | None = None
 
 
 def read_folder(root: str | os.PathLike) -> ModelFolder:
@@ -128,22 +158,22 @@ def read_folder(root: str | os.PathLike) -> ModelFolder:
     root = Path(root)
     modules = read_modules(root) or [Module("Transformer", "Transformer", "")]  # none: a bare HF folder
     kinds = [m.kind for m in modules]
-    n_dense = kinds.count("Dense")
+    layer_pooling = kinds[1: 2] == ["WeightedLayerPooling"]
+    p = 2 if layer_pooling else 1  # where Pooling sits
     in_order = (kinds[0] in TRANSFORMER_TYPES
-                and (len(kinds) == 1 or kinds[1] == "Pooling")
-                and all(k == "Dense" for k in kinds[2: 2 + n_dense])
-                and all(k == "Normalize" for k in kinds[2 + n_dense: 3 + n_dense])
-                and len(kinds) <= 3 + n_dense)
+                and (len(kinds) == 1 or kinds[p: p + 1] == ["Pooling"])
+                and all(k in HEAD_KINDS for k in kinds[p + 1:]))
     if not in_order:
-        raise UnsupportedModuleError(f"{root / 'modules.json'}: module order {kinds} is not "
-                                     f"Transformer, Pooling[, Dense...][, Normalize]")
+        raise UnsupportedModuleError(f"{root / 'modules.json'}: module order {kinds} is not Transformer"
+                                     f"[, WeightedLayerPooling], Pooling[, Dense | LayerNorm | Normalize ...]")
     transformer_dir = root / modules[0].path
     pooling = PoolingConfig(("mean",))  # sentence-transformers' default without a Pooling module
     if len(modules) > 1:
-        path = root / modules[1].path / "config.json"
+        path = root / modules[p].path / "config.json"
         pooling = PoolingConfig.from_dict(read_json(path, "pooling config"), str(path))
-    normalize = kinds[-1] == "Normalize"
-    dense = tuple(read_dense(root / m.path) for m in modules if m.kind == "Dense")
+    head = tuple(read_head_module(m.kind, root / m.path) for m in modules[p + 1:])
+    normalize = any(isinstance(m, NormalizeModule) for m in head)
+    dense = tuple(m for m in head if isinstance(m, DenseModule))
 
     config_path = transformer_dir / "config.json"
     if not os.path.lexists(config_path):
@@ -170,7 +200,8 @@ def read_folder(root: str | os.PathLike) -> ModelFolder:
         raise ConfigError(f"{st_path}: do_lower_case={do_lower_case!r} must be true or false")
     return ModelFolder(root, modules[0].kind, transformer_dir, config, find_weights(transformer_dir), tokenizer,
                        pooling, dense, normalize, max_seq_length, do_lower_case,
-                       read_settings(root / "config_sentence_transformers.json"))
+                       read_settings(root / "config_sentence_transformers.json"), head,
+                       read_layer_pooling(root / modules[1].path) if layer_pooling else None)
 
 
 def check_length(value, what: str) -> int:
@@ -220,6 +251,22 @@ def read_modules(root: Path) -> list[Module] | None:
 def read_dense(folder: Path) -> DenseModule:
     path = folder / "config.json"
     return DenseModule(folder, DenseConfig.from_dict(read_json(path, "Dense config"), str(path)), find_weights(folder))
+
+
+def read_head_module(kind: str, folder: Path) -> DenseModule | LayerNormModule | NormalizeModule:
+    if kind == "Dense":
+        return read_dense(folder)
+    if kind == "LayerNorm":
+        path = folder / "config.json"
+        return LayerNormModule(folder, LayerNormConfig.from_dict(read_json(path, "LayerNorm config"), str(path)),
+                               find_weights(folder))
+    return NormalizeModule(folder)
+
+
+def read_layer_pooling(folder: Path) -> LayerPoolingModule:
+    path = folder / "config.json"
+    config = WeightedLayerPoolingConfig.from_dict(read_json(path, "WeightedLayerPooling config"), str(path))
+    return LayerPoolingModule(folder, config, find_weights(folder))
 
 
 def read_settings(path: Path) -> Settings:

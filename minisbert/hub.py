@@ -5,7 +5,8 @@ A manifest entry names a hub repository, or an installed Python package that shi
 
 Hub downloads go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``,
 revisions) and fetch only what an encoder needs: configs, tokenizer files, and one weights format
-(safetensors when the repo has it, else the legacy ``.bin``) for the transformer and each Dense module.
+(safetensors when the repo has it, else the legacy ``.bin``) for the transformer and each module with
+weights (Dense, LayerNorm, WeightedLayerPooling).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = 
 
     try:
         folder = download(CONFIG_PATTERNS)
-        for sub in [transformer_subfolder(folder)] + dense_subfolders(folder):  # the modules with weights
+        for sub in [transformer_subfolder(folder)] + weight_subfolders(folder):  # the modules with weights
             folder = download([sub + p for p in SAFETENSORS_PATTERNS])
             if not any((folder / sub).glob("model*.safetensors")):
                 folder = download([sub + p for p in BIN_PATTERNS])
@@ -113,9 +114,13 @@ def transformer_subfolder(folder: Path) -> str:
     return next((m.path.strip("/") + "/" for m in modules if m.kind.endswith("Transformer") and m.path), "")
 
 
-def dense_subfolders(folder: Path) -> list[str]:
-    """Relative folders ('x/') of the Dense modules named by ``modules.json``, which hold weights too."""
-    return [m.path.strip("/") + "/" for m in read_modules(folder) or [] if m.kind == "Dense" and m.path.strip("/")]
+WEIGHTED_MODULES = ("Dense", "LayerNorm", "WeightedLayerPooling")  # besides the transformer
+
+
+def weight_subfolders(folder: Path) -> list[str]:
+    """Relative folders ('x/') of the other modules named by ``modules.json`` that hold weights."""
+    return [m.path.strip("/") + "/" for m in read_modules(folder) or []
+            if m.kind in WEIGHTED_MODULES and m.path.strip("/")]
 
 
 def download(name: str, revision: str | None = None, token: str | bool | None = None) -> Path:
@@ -130,7 +135,7 @@ def download(name: str, revision: str | None = None, token: str | bool | None = 
                                  f"(pip install {entry.get('package')})")
     target = weights_dir() / name.replace("/", "__")
     folder = fetch(entry["hub_id"], revision or entry.get("revision"), token, local_dir=str(target))
-    for sub in [folder / transformer_subfolder(folder)] + [folder / d for d in dense_subfolders(folder)]:
+    for sub in [folder / transformer_subfolder(folder)] + [folder / d for d in weight_subfolders(folder)]:
         if not any(sub.glob("model*.safetensors")):
             for index_or_bin in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
                 if (sub / index_or_bin).is_file():

@@ -114,6 +114,7 @@ class KoBertTokenizer:
         names = sorted(set(specials.values()), key=len, reverse=True)
         self._special_split = re.compile("(" + "|".join(re.escape(s) for s in names) + ")")
         self._specials = set(names)
+        self.special_ids = frozenset(vocab[t] for t in names)  # transformers' all_special_ids
         self.max_seq_length: int | None = None  # no truncation until the encoder sets it
 
     @classmethod

@@ -9,7 +9,7 @@ turns into inf, and every embedding into NaN). Nothing is ever left randomly ini
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,9 +20,10 @@ from minisbert import checkpoint
 from minisbert.dense import NAMES as DENSE_NAMES
 from minisbert.dense import Dense
 from minisbert.errors import CheckpointError, ConfigError
-from minisbert.folder import DenseModule, ModelFolder
+from minisbert.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
 from minisbert.kobert import KoBertTokenizer
 from minisbert.models import ARCHITECTURES
+from minisbert.modules import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm, Normalize, WeightedLayerPooling
 from minisbert.tokenizer import TextTokenizer
 
 
@@ -35,11 +36,14 @@ class Loaded:
     tokenizer: TextTokenizer | KoBertTokenizer
     max_tokens: int  # the most tokens the position table allows
     max_seq_length: int  # the folder's max_seq_length, capped at max_tokens
+    head: list[nn.Module] = field(default_factory=list)  # after Pooling, in order: Dense, LayerNorm, Normalize
+    layer_pooling: WeightedLayerPooling | None = None  # between the transformer and Pooling
 
 
-def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
-    """Build and fill everything ``folder`` describes, on ``device`` in ``dtype``."""
-    device, dtype = check_device(device), parse_dtype(dtype)
+def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> Loaded:
+    """Build and fill everything ``folder`` describes, on ``device`` in ``dtype`` ("auto": the checkpoint's)."""
+    device = check_device(device)
+    dtype = checkpoint_dtype(folder) if dtype == "auto" else parse_dtype(dtype)
     arch = architecture(folder)
     model = load_transformer(arch, folder.config, folder.weights, device, dtype)
     limit = arch.max_tokens(model.config)
@@ -50,12 +54,22 @@ def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.d
                                              fallback_pad_id=model.config.pad_token_id)
     check_token_ids(tokenizer, model.config.vocab_size, folder)
     width = model.config.hidden_size * len(folder.pooling.modes)  # what Pooling gives
-    dense = []
-    for module in folder.dense:  # each takes the width the one before gives
-        dense.append(load_dense(module, width, device, dtype))
-        width = module.config.out_features
+    head = []
+    for module in folder.head:  # each takes the width the one before gives
+        if isinstance(module, DenseModule):
+            head.append(load_dense(module, width, device, dtype))
+            width = module.config.out_features
+        elif isinstance(module, LayerNormModule):
+            head.append(load_layer_norm(module, width, device, dtype))
+        else:
+            head.append(Normalize())
+    layer_pooling = None
+    if folder.layer_pooling is not None:
+        layer_pooling = load_layer_pooling(folder.layer_pooling, model, device, dtype)
+    dense = [m for m in head if isinstance(m, Dense)]
     # Like sentence-transformers, never let the tokenizer produce more tokens than positions exist.
-    return Loaded(arch, model, dense, tokenizer, limit, min(folder.max_seq_length or limit, limit))
+    return Loaded(arch, model, dense, tokenizer, limit, min(folder.max_seq_length or limit, limit), head,
+                  layer_pooling)
 
 
 def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int, folder: ModelFolder) -> None:
@@ -75,6 +89,25 @@ def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int,
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def checkpoint_dtype(folder: ModelFolder) -> torch.dtype:
+    """``dtype="auto"``: what the transformer's ``config.json`` names (``dtype``, or ``torch_dtype`` before
+    transformers 5), else the weights file's floating dtype, else float32 (transformers' rule)."""
+    for key in ("dtype", "torch_dtype"):
+        name = folder.config.get(key)
+        if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
+            return DTYPES[name.removeprefix("torch.")]
+    if folder.weights.suffix == ".safetensors":  # the header says, without reading the tensors
+        header = checkpoint.check_safetensors_header(folder.weights)
+        stored = {SAFETENSORS_DTYPES.get(v.get("dtype")) for k, v in header.items() if k != "__metadata__"}
+        stored.discard(None)
+        if len(stored) == 1:
+            return stored.pop()
+    return torch.float32
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -146,6 +179,30 @@ def load_dense(module: DenseModule, in_features: int, device: str | torch.device
                           f"module before it gives {in_features}")
     dense = on_meta(Dense, module.config)
     return fill(dense, DENSE_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device, dtype)
+
+
+def load_layer_norm(module: LayerNormModule, width: int, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> LayerNorm:
+    if module.config.dimension != width:
+        raise ConfigError(f"{module.folder / 'config.json'}: dimension={module.config.dimension}, but the module "
+                          f"before it gives {width}")
+    norm = on_meta(LayerNorm, module.config)
+    return fill(norm, LAYER_NORM_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device, dtype)
+
+
+def load_layer_pooling(module: LayerPoolingModule, model: nn.Module, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> WeightedLayerPooling:
+    """WeightedLayerPooling over ``model``'s hidden states: one weight per layer from ``layer_start`` on."""
+    cfg, path = module.config, module.folder / "config.json"
+    if cfg.embedding_dimension != model.config.hidden_size:
+        raise ConfigError(f"{path}: embedding_dimension={cfg.embedding_dimension}, but the transformer gives "
+                          f"{model.config.hidden_size}")
+    if cfg.num_hidden_layers != model.config.num_hidden_layers:
+        raise ConfigError(f"{path}: num_hidden_layers={cfg.num_hidden_layers}, but the transformer has "
+                          f"{model.config.num_hidden_layers} layers")
+    pooling = on_meta(WeightedLayerPooling, cfg)
+    return fill(pooling, LAYER_POOLING_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device,
+                dtype)
 
 
 def fill(module: nn.Module, names, state: dict[str, torch.Tensor], weights: Path,

@@ -31,8 +31,8 @@ MODES = tuple(LEGACY_KEYS.values())
 @dataclass(frozen=True)
 class PoolingConfig:
     modes: tuple[str, ...] = ("mean",)
-    # False: a prompt's tokens are left out of the pooling (INSTRUCTOR-style models). Only read so that
-    # ``encode`` can refuse a prompt for such a model instead of pooling the prompt silently.
+    # False: a prompt's tokens ([CLS] and the prompt's own) are left out of the pooling (INSTRUCTOR-style
+    # models); ``encode`` passes their count to ``pool`` as ``skip``.
     include_prompt: bool = True
 
     @classmethod
@@ -54,10 +54,18 @@ class PoolingConfig:
         return cls(modes, include_prompt)
 
 
-def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
-    """Apply each mode and concatenate, in the order given: (B, T, C) -> (B, C * len(modes))."""
+def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...], skip: int = 0) -> torch.Tensor:
+    """Apply each mode and concatenate, in the order given: (B, T, C) -> (B, C * len(modes)).
+
+    ``skip``: leave each row's first ``skip`` positions out (a prompt's tokens with ``include_prompt:
+    false``; rows are right-padded), as sentence-transformers does: by zeroing them in the mask, so
+    ``weightedmean`` keeps the other tokens' position weights and ``cls`` takes the first token left."""
     B, T, C = x.shape
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    original_mask = attention_mask
+    if skip:
+        attention_mask = attention_mask.clone()
+        attention_mask[:, :skip] = 0
     outputs = []
     for mode in modes:
         if mode == "cls":
@@ -76,7 +84,7 @@ def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...]) 
             # Weights 1, 2, 3, ... counted from the first real token.
             mask = attention_mask.unsqueeze(-1).to(acc)  # (B, T, 1)
             weights = torch.arange(1, T + 1, device=x.device, dtype=acc).view(1, T, 1)
-            weights = weights - attention_mask.int().argmax(dim=1).view(B, 1, 1)
+            weights = weights - original_mask.int().argmax(dim=1).view(B, 1, 1)
             weighted = mask * weights  # (B, T, 1)
             total = (x * weighted).sum(dim=1)
             outputs.append((total / weighted.sum(dim=1).clamp(min=1e-9)).to(x.dtype))

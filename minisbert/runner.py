@@ -6,6 +6,9 @@ A runner has two methods, and ``SentenceEncoder`` calls nothing else of it:
 - ``embed(ids)``: one batch of token ids -> (B, C * modes) pooled vectors in the order of ``ids``,
   in the model's dtype, on its device.
 
+``ReferenceRunner.embed`` also takes ``skip`` (pool without each text's first ``skip`` tokens: a
+prompt with ``include_prompt: false``); ``SentenceEncoder.runner_for`` picks the reference runner then.
+
 ``ReferenceRunner`` (here) runs the model files' own forward on padded batches and pools with
 ``pooling.pool``: the specification, and what runs when hooks are attached or ``fast=False``.
 ``fast.PackedRunner`` runs the same math on the real tokens only. ``SentenceEncoder.runner`` is the
@@ -68,7 +71,7 @@ class ReferenceRunner:
         """``batch_size`` texts at a time, in the order given (``encode`` orders them longest first)."""
         return [list(range(s, min(s + batch_size, len(ids)))) for s in range(0, len(ids), batch_size)]
 
-    def embed(self, ids: list[list[int]]) -> torch.Tensor:
+    def embed(self, ids: list[list[int]], skip: int = 0) -> torch.Tensor:
         p = next(self.model.parameters())
         groups: dict[int, list[int]] = {}
         for b, row in enumerate(ids):
@@ -78,5 +81,5 @@ class ReferenceRunner:
         for T, rows in groups.items():
             input_ids, attention_mask = (t.to(p.device) for t in pad_ids([ids[b] for b in rows], self.pad_id, T))
             states = self.model(input_ids, attention_mask)  # (b, T, C)
-            pooled[rows] = pool(states, attention_mask, self.modes)  # (b, C * modes)
+            pooled[rows] = pool(states, attention_mask, self.modes, skip)  # (b, C * modes)
         return pooled

@@ -9,8 +9,10 @@ same embeddings, in the layout every sentence-transformers version since 2.x rea
     config.json, model.safetensors     the transformer, under Hugging Face's key names (no ``bert.``
                                        prefix, as ``BertModel.save_pretrained`` writes them)
     tokenizer.json, vocab.txt, ...     the tokenizer files the encoder was loaded from, copied
-    1_Pooling/config.json              pooling modes and include_prompt
-    2_Dense/config.json, model.safetensors ...   each Dense module, then 3_Normalize/ (empty)
+    1_Pooling/config.json              pooling modes and include_prompt (after a
+                                       1_WeightedLayerPooling/ when the model has one)
+    2_Dense/config.json, model.safetensors ...   each module after Pooling, in order: Dense,
+                                       LayerNorm (config and weights), Normalize (an empty folder)
 
 What is written is the encoder's current state, not its source folder's: weights (after training),
 dtype, ``max_seq_length``, prompts, ``default_prompt_name``, ``similarity_fn_name``, ``truncate_dim``.
@@ -34,7 +36,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minisbert.dense import NAMES as DENSE_NAMES
+from minisbert.dense import Dense
 from minisbert.folder import KOBERT_SPM_FILE
+from minisbert.modules import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm
 from minisbert.pooling import LEGACY_KEYS
 
 # The module class paths written to modules.json: sentence-transformers resolves these in every
@@ -44,7 +48,9 @@ MODULE_TYPES = {
     "KoBertTransformer": "ko_sentence_transformers.models.KoBertTransformer",
     "Pooling": "sentence_transformers.models.Pooling",
     "Dense": "sentence_transformers.models.Dense",
+    "LayerNorm": "sentence_transformers.models.LayerNorm",
     "Normalize": "sentence_transformers.models.Normalize",
+    "WeightedLayerPooling": "sentence_transformers.models.WeightedLayerPooling",
 }
 UMASK = os.umask(0o022)  # read once at import: the only way to read it is to set it
 os.umask(UMASK)
@@ -81,13 +87,23 @@ def save(encoder, path: str | os.PathLike, *, model_name: str | None = None, cre
         (root / name).mkdir(exist_ok=True)
         return root / name
 
+    if encoder.layer_pooling is not None:
+        out, c = add("WeightedLayerPooling"), encoder.layer_pooling.config
+        write_json(out / "config.json", {"word_embedding_dimension": c.embedding_dimension,
+                                         "layer_start": c.layer_start, "num_hidden_layers": c.num_hidden_layers})
+        write_weights(out, checkpoint_state_dict(encoder.layer_pooling, LAYER_POOLING_NAMES), safe_serialization)
     write_json(add("Pooling") / "config.json", pooling_config(encoder.pooling, encoder.model.config.hidden_size))
-    for dense in encoder.dense:
-        out = add("Dense")
-        write_json(out / "config.json", dense_config(dense))
-        write_weights(out, checkpoint_state_dict(dense, DENSE_NAMES), safe_serialization)
-    if folder.normalize:
-        add("Normalize")  # no config and no weights
+    for module in encoder.head_modules:
+        if isinstance(module, Dense):
+            out = add("Dense")
+            write_json(out / "config.json", dense_config(module))
+            write_weights(out, checkpoint_state_dict(module, DENSE_NAMES), safe_serialization)
+        elif isinstance(module, LayerNorm):
+            out = add("LayerNorm")
+            write_json(out / "config.json", {"dimension": module.config.dimension})
+            write_weights(out, checkpoint_state_dict(module, LAYER_NORM_NAMES), safe_serialization)
+        else:
+            add("Normalize")  # no config and no weights
 
     write_json(root / "config_sentence_transformers.json", settings(encoder))
     write_json(root / "modules.json", modules)

@@ -340,6 +340,11 @@ class TextTokenizer:
         return cls(tok, pad_id, do_lower_case)
 
     @property
+    def special_ids(self) -> frozenset[int]:
+        """The ids of the special tokens ([CLS], [SEP], [PAD], ...): transformers' ``all_special_ids``."""
+        return frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+
+    @property
     def max_seq_length(self) -> int | None:
         """Where texts are cut; set (and checked) by the encoder, which owns the value."""
         return self._max_seq_length

@@ -93,6 +93,8 @@ def trace(encoder, sentences: str | list[str], batch_size: int = 8,
         input_ids, attention_mask = encoder.tokenizer.pad([ids[i] for i in index], encoder.device)  # (B, T)
         record: dict = {}
         states = encoder.model(input_ids, attention_mask, record=record)  # (B, T, C)
+        if encoder.layer_pooling_active:  # the token states Pooling sees: WeightedLayerPooling's
+            states = encoder.layer_pooling(record["hidden_states"])
         emb = encoder.head(pool(states, attention_mask, encoder.folder.pooling.modes), normalize_embeddings)  # (B, D)
         hidden = torch.stack(record["hidden_states"], dim=1)  # (B, L + 1, T, C)
         attentions = torch.stack(record["attentions"], dim=1)  # (B, L, H, T, T)

@@ -578,7 +578,8 @@ def test_every_accepted_module_path_is_that_module_in_sentence_transformers():
     from sentence_transformers import models
 
     classes = {"Transformer": models.Transformer, "Pooling": models.Pooling, "Dense": models.Dense,
-               "Normalize": models.Normalize}
+               "Normalize": models.Normalize, "LayerNorm": models.LayerNorm,
+               "WeightedLayerPooling": models.WeightedLayerPooling}
     for path, kind in MODULE_TYPES.items():
         if kind == "KoBertTransformer":
             continue  # ko-sentence-transformers' own class (tests/test_kobert.py loads it)

@@ -71,15 +71,17 @@ def test_prompts_equal_sentence_transformers(minilm_path, tmp_path):
         ours.encode(TEXTS, prompt_name="title")
 
 
-def test_prompt_with_include_prompt_false_is_refused(minilm_path, tmp_path):
+def test_include_prompt_false_pools_without_the_prompt(minilm_path, tmp_path):
     pooling = json.loads((Path(minilm_path) / "1_Pooling" / "config.json").read_text())
     folder = with_files(minilm_path, tmp_path / "m", {
         "config_sentence_transformers.json": {"prompts": {"query": "query: "}},
         "1_Pooling/config.json": dict(pooling, include_prompt=False)})
-    enc = SentenceEncoder.from_pretrained(folder)
-    close(enc.encode(TEXTS), st_model(folder).encode(TEXTS), "include_prompt=false, no prompt")
-    with pytest.raises(ConfigError, match="include_prompt"):
-        enc.encode(TEXTS, prompt_name="query")
+    enc, ref = SentenceEncoder.from_pretrained(folder), st_model(folder)
+    close(enc.encode(TEXTS), ref.encode(TEXTS), "include_prompt=false, no prompt")
+    with_prompt = enc.encode(TEXTS, prompt_name="query")
+    close(with_prompt, ref.encode(TEXTS, prompt_name="query"), "include_prompt=false, prompt left out of the pooling")
+    # Left out, not ignored: the prompt's tokens still change every other token's state.
+    assert np.abs(with_prompt - enc.encode(TEXTS)).max() > 1e-3
 
 
 @pytest.mark.parametrize("normalize", [False, True])

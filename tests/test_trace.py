@@ -84,7 +84,7 @@ def test_trace_equals_transformers(name, request):
     assert a_max <= TOL, f"{name} attentions: max abs diff {a_max:.3e}, mean {a_mean:.3e}"
     # The trace's sentence embedding is the encoder's, through the unfused attention path.
     emb = torch.stack([tr.sentence_embedding for tr in traces])
-    e_diff = (emb - encoder.encode(texts, convert_to_numpy=False)).abs()
+    e_diff = (emb - encoder.encode(texts, convert_to_tensor=True)).abs()
     print(f"{name}: trace sentence embeddings vs encode() max {e_diff.max():.2e}")
     assert e_diff.max() <= TOL, f"{name} sentence embeddings: max {e_diff.max():.3e}, mean {e_diff.mean():.3e}"
     if name != "deberta-v2":
