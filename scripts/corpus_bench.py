@@ -17,7 +17,7 @@ workers or actors), as a user would run it:
 
 The systems take turns (the order rotates each round), so a shared machine's load falls on all of
 them; the load average is printed before each run. ``--memory`` runs the local engine in a fresh
-process per size and reports its peak RSS (``ru_maxrss``).
+process per size and reports its peak RSS (``VmHWM``).
 
 ``--model``: a folder, short name or hub id; ``random-bert`` / ``random-roberta`` (base size, random
 weights, Korean WordPiece; see scripts/bench.py), ``random-bert-tiny`` (tiny, for the memory runs).
@@ -178,7 +178,8 @@ def memory(args) -> dict:
         code = ("import resource, sys, time; from minisbert import corpus; t = time.perf_counter(); "
                 f"corpus.embed_corpus([{str(src)!r}], {str(tmp / 'out')!r}, corpus.Settings({model!r}, "
                 f"rows_per_part={args.rows_per_part}), batch_size={args.batch_size}, show_progress=False); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)")
+                "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')), "
+                "time.perf_counter() - t)")  # VmHWM: the child's own peak (ru_maxrss starts from the parent's)
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
         peak_kb, seconds = proc.stdout.split()
         run = {"rows": rows, "input_mb": src.stat().st_size / 1e6, "peak_rss_mb": int(peak_kb) / 1024,

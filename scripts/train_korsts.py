@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -119,7 +118,9 @@ def child(system: str, model: str, task: str, epochs: int, steps: int, seed: int
                    max_grad_norm=f.max_grad_norm, show_progress_bar=sys.stderr.isatty())
         seconds = time.perf_counter() - start
         after = cosine_spearman(st, test)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM: this process's own peak (ru_maxrss would start from the parent's RSS at fork)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     return {"system": system, "task": task, "before": before, "after": after, "train_seconds": seconds,
             "peak_rss_mib": peak, "threads": torch.get_num_threads()}
 

@@ -61,7 +61,10 @@ from minisbert import SentenceEncoder
 from minisbert.errors import MinisbertError
 
 def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM is this process's own peak: ru_maxrss starts from the parent's RSS at fork and survives exec,
+    # so under a large pytest process it would report the parent.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 def attempt(load):
     try:
