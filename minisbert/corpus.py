@@ -50,6 +50,7 @@ from minisbert import __version__
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError, MissingDependencyError
 from minisbert.loading import parse_dtype
+from minisbert.pool import threads_per_worker
 from minisbert.quantize import PRECISIONS, quantize_embeddings
 
 log = logging.getLogger("minisbert")
@@ -621,14 +622,6 @@ def run_local(job: Job, encoder: SentenceEncoder, batch_size: int = 32, workers:
     return finish(job)
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def run_workers(job: Job, todo: list[Part], workers: int, batch_size: int, device: str) -> Iterator[Part]:
     """The parts of ``todo`` embedded by ``workers`` spawned processes (at most one per part), each with
     its own encoder and ``cores // workers`` torch threads; yields each part as it is written.
@@ -640,7 +633,7 @@ def run_workers(job: Job, todo: list[Part], workers: int, batch_size: int, devic
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     workers = min(workers, len(todo))
-    threads = max(1, usable_cores() // workers)
+    threads = threads_per_worker(workers)  # the pool's rule: workers x threads <= cores
     for i in range(len(todo)):
         tasks.put(i)
     for _ in range(workers):
