@@ -15,6 +15,7 @@ import torch
 from conftest import add_dense, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import SentenceEncoder
+from minisbert.errors import ConfigError
 
 TOL = 1e-5
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -489,6 +490,13 @@ def test_layer_norm_and_weighted_layer_pooling_equal_sentence_transformers(tmp_p
         assert max_diff(enc.encode(TEXTS), want) <= TOL, fast
     tokens = [m.encode(TEXTS[:5], output_value="token_embeddings") for m in (enc, ref)]
     assert all(max_diff(a, b) <= TOL for a, b in zip(*tokens))
+    # Training would skip WeightedLayerPooling and leave LayerNorm untrained: refused, naming both.
+    from minisbert import train
+    (tmp_path / "pairs.tsv").write_text("a\tb\t0.5\nc\td\t1\n", encoding="utf-8")
+    recipe = train.parse_recipe({"objectives": [{"data": str(tmp_path / "pairs.tsv"), "format": "scored-pairs",
+                                                 "loss": "CosineSimilarityLoss", "batch_size": 2}], "fit": {}})
+    with pytest.raises(ConfigError, match="training a model with LayerNorm, WeightedLayerPooling modules"):
+        train.fit(enc, recipe, None, progress=False)
     # The layers are really weighted when active: other weights, other embeddings.
     with torch.no_grad():
         enc.layer_pooling.layer_weights.copy_(torch.tensor([1.0, 0.1]))
