@@ -435,8 +435,8 @@ def embed_texts(encoder: SentenceEncoder, texts: list[str], batch_size: int = 32
         emb = encoder.encode(texts, batch_size=batch_size, normalize_embeddings=normalize, show_progress_bar=False)
     else:
         emb = np.zeros((0, encoder.get_sentence_embedding_dimension()), dtype=np.float32)
-    if precision == "float32":
-        return emb
+    # Through quantize_embeddings for float32 too: encode returns the model's dtype (float16 for a float16
+    # model, as sentence-transformers), and the parts hold what the manifest says, float32.
     return quantize_embeddings(emb, precision, ranges=None if ranges is None else np.asarray(ranges, np.float32))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, corpus, make_checkpoint, single_thread
 
 from minisbert.corpus import MANIFEST, CorpusError, Settings, embed_corpus, plan, prepare_output
@@ -110,6 +111,21 @@ def test_one_part_is_bitwise_encode(tmp_path, model, encoder):
     with single_thread():
         ref = encoder.encode(texts, batch_size=8)
     assert np.array_equal(read_output(tmp_path / "out")[1], ref)
+
+
+def test_float16_model_writes_float32_as_the_manifest_says(tmp_path, model):
+    """encode gives a float16 model's embeddings in float16 (as sentence-transformers); the parts and the
+    manifest hold float32 whatever the model's dtype."""
+    texts = texts_for("jsonl", 20)
+    half = SentenceEncoder.from_pretrained(model, dtype=torch.float16)
+    run([write_input(tmp_path / "in.jsonl", texts)], tmp_path / "out", model, half, dtype="float16")
+    with single_thread():
+        ref = half.encode(texts)
+    assert ref.dtype == np.float16
+    _, emb = read_output(tmp_path / "out")
+    assert emb.dtype == np.float32 and np.array_equal(emb, ref.astype(np.float32))
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["embedding"]["type"] == "float32"
 
 
 def test_worker_processes_write_the_same_parts(tmp_path, model, encoder):
