@@ -158,18 +158,44 @@ def corpus(n: int = 200, seed: int = 0) -> list[str]:
 
 
 def train_korean_wordpiece(specials: list[str], vocab_size: int = 3000):
-    """A BERT-style WordPiece tokenizer (tokenizers.Tokenizer) trained on Korean text."""
+    """A BERT-style WordPiece tokenizer (tokenizers.Tokenizer) with a vocabulary built from Korean text.
+
+    Built here rather than by tokenizers' WordPieceTrainer: that trainer breaks ties between equally
+    frequent pairs in hash order, so its vocabulary - and with it every tiny model's token ids and
+    embeddings - changed from one run to the next, and figures with a margin of 1e-5 flipped on some
+    runs. This vocabulary is a function of the text alone: the special tokens, every character seen
+    (word-initial and ``##``-continued, as WordPiece needs to spell any seen word), then the most
+    frequent words and two- and three-character word endings (Korean particles), ties broken by text.
+    """
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
-    from tokenizers.trainers import WordPieceTrainer
 
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True,
-                                                handle_chinese_chars=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(korean_training_text() + OWN_KOREAN, trainer=trainer)
+    normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True,
+                                            handle_chinese_chars=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text in korean_training_text() + OWN_KOREAN:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted({w[0] for w in words}) + sorted({"##" + c for w in words for c in w[1:]})
+    pieces: Counter = Counter()
+    for word, count in words.items():
+        pieces[word] += count
+        for k in (2, 3):
+            if len(word) > k:
+                pieces["##" + word[-k:]] += count
+    vocab = list(dict.fromkeys(specials + alphabet))
+    known = set(vocab)
+    for piece, _ in sorted(pieces.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if piece not in known:
+            vocab.append(piece)
+            known.add(piece)
+    tok = Tokenizer(WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tok.add_special_tokens(specials)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",

@@ -310,7 +310,7 @@ def test_cli_json_equals_embedding_similarity_evaluator_on_minilm(minilm_path, m
     # Spearman is not: sentence-transformers' embedding of a sentence moves by ~1e-7 with its batch's padding,
     # so the 10 pairs with identical sentences get distances ~5e-7 there and exactly 0 here, and 1-ulp
     # differences reorder near-ties. Each reordering moves Spearman by <= 6/n^2 (3e-6 for 1,379 pairs);
-    # measured 3.4e-6 for euclidean/manhattan, 0 for cosine/dot (see notes/issue5.md). The generated set
+    # measured 3.4e-6 for euclidean/manhattan, 0 for cosine/dot. The generated set
     # has as many pairs and as many identical ones.
     assert max(d for k, d in diffs.items() if k.endswith("spearman")) <= 1e-5, report
 
