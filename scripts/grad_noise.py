@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import test_train as T  # noqa: E402  (the test's checkpoints, recipes and sentence-transformers side)
+import torch  # noqa: E402
 from conftest import corpus, make_checkpoint, single_thread  # noqa: E402
 
 from minisbert import SentenceEncoder, train  # noqa: E402
