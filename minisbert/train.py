@@ -403,11 +403,11 @@ def fit(encoder: SentenceEncoder, recipe: Recipe, output: str | Path | None = No
         progress: bool = True) -> FitResult:
     """Train ``encoder`` in place with ``recipe``; write the model, the evaluation CSV and the loss log into
     ``output`` (None: write nothing). Returns the losses and evaluations."""
-    untrained = [type(m).__name__ for m in encoder.head_modules
-                 if m not in encoder.dense and next(m.parameters(), None) is not None]
-    if encoder.layer_pooling is not None or untrained:
-        # embed() runs the transformer, Pooling, Dense and Normalize; these would be skipped or left untrained.
-        kinds = untrained + (["WeightedLayerPooling"] if encoder.layer_pooling is not None else [])
+    # embed() runs the transformer, Pooling, Dense and Normalize: any other module with weights would be
+    # skipped or left untrained.
+    kinds = [type(m).__name__ for m in encoder.pipeline()[1:]
+             if m not in encoder.dense and next(m.parameters(), None) is not None]
+    if kinds:
         raise ConfigError(f"{encoder.source}: training a model with {', '.join(kinds)} modules is not implemented "
                           f"(fit trains the transformer and Dense modules)")
     seed = recipe.seed if seed is None else seed

@@ -24,21 +24,10 @@ sys.path.insert(0, str(REPO / "tests"))
 import numpy as np  # noqa: E402
 import test_train as T  # noqa: E402  (the test's checkpoints, recipes and sentence-transformers side)
 import torch  # noqa: E402
-from conftest import corpus, make_checkpoint, single_thread  # noqa: E402
+from conftest import make_checkpoint, single_thread  # noqa: E402
 
 from minisbert import SentenceEncoder, train  # noqa: E402
 from minisbert.cpu import cpu_kind  # noqa: E402
-
-
-def write_files(root: Path) -> dict[str, Path]:
-    """The test's ``files`` fixture: 64 triplets and 64 scored pairs."""
-    texts = [t.replace("\t", " ") for t in corpus(200, seed=3)]
-    rng = random.Random(0)
-    (root / "triplets.tsv").write_text("".join(f"{texts[3 * i]}\t{texts[3 * i + 1]}\t{texts[3 * i + 2]}\n"
-                                               for i in range(64)), encoding="utf-8")
-    (root / "scored.tsv").write_text("".join(f"{texts[2 * i + 1]}\t{texts[2 * i + 4]}\t{rng.randint(0, 25) / 25}\n"
-                                             for i in range(64)), encoding="utf-8")
-    return {"triplets": root / "triplets.tsv", "scored-pairs": root / "scored.tsv"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches of 8 per loss and architecture (<= 8)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp())
-    files = write_files(root)
+    files = T.write_files(root)
     rows = []  # (case, tensor, minisbert - old_fit, old_fit - float64, minisbert - float64)
     for arch in T.ARCHS:
         path = make_checkpoint(root / arch, arch, config=T.NO_DROPOUT)

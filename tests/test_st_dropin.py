@@ -16,6 +16,7 @@ from conftest import add_dense, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import SentenceEncoder
 from minisbert.errors import ConfigError
+from minisbert.search import cos_sim
 
 TOL = 1e-5
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -498,7 +499,7 @@ def test_layer_norm_and_weighted_layer_pooling_equal_sentence_transformers(tmp_p
     (tmp_path / "pairs.tsv").write_text("a\tb\t0.5\nc\td\t1\n", encoding="utf-8")
     recipe = train.parse_recipe({"objectives": [{"data": str(tmp_path / "pairs.tsv"), "format": "scored-pairs",
                                                  "loss": "CosineSimilarityLoss", "batch_size": 2}], "fit": {}})
-    with pytest.raises(ConfigError, match="training a model with LayerNorm, WeightedLayerPooling modules"):
+    with pytest.raises(ConfigError, match="training a model with WeightedLayerPooling, LayerNorm modules"):
         train.fit(enc, recipe, None, progress=False)
     # The layers are really weighted when active: other weights, other embeddings.
     with torch.no_grad():
@@ -533,11 +534,6 @@ def close_metrics(got: dict, want: dict, tol: float) -> None:
         assert abs(got[key] - value) <= tol, f"{key}: {got[key]} vs {value}"
 
 
-def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
-
-
 def test_sentence_transformers_evaluators_run_on_the_encoder(tiny, tmp_path):
     from sentence_transformers.evaluation import (
         BinaryClassificationEvaluator,
@@ -552,7 +548,7 @@ def test_sentence_transformers_evaluators_run_on_the_encoder(tiny, tmp_path):
     scores = rng.random(40).tolist()
     # Spearman's figure moves if two pairs' cosines swap: the pairs are 1.5e-5 apart at the closest,
     # against float32 noise of ~3e-7 between the two encoders.
-    pair_cos = np.diag(cosine_matrix(ref.encode(s1), ref.encode(s2)))
+    pair_cos = np.diag(cos_sim(ref.encode(s1), ref.encode(s2)).numpy())
     assert np.diff(np.sort(pair_cos)).min() > 1e-5
     for kwargs in ({}, {"precision": "int8"}, {"precision": "binary", "truncate_dim": 48},
                    {"similarity_fn_names": ["cosine", "dot", "euclidean", "manhattan"]}):
@@ -568,7 +564,7 @@ def test_sentence_transformers_evaluators_run_on_the_encoder(tiny, tmp_path):
     # Each query's relevant documents are therefore picked where the reference's ranking has a margin.
     queries = {f"q{i}": t for i, t in enumerate(texts[:10])}
     docs = {f"d{i}": t for i, t in enumerate(texts[5:75])}
-    sims = cosine_matrix(ref.encode(texts[:10]), ref.encode(texts[5:75]))  # (10, 70)
+    sims = cos_sim(ref.encode(texts[:10]), ref.encode(texts[5:75])).numpy()  # (10, 70)
     relevant = {}
     for i, row in enumerate(sims):
         order = np.argsort(-row)

@@ -51,8 +51,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
+    return write_files(tmp_path_factory.mktemp("data"))
+
+
+def write_files(root: Path) -> dict[str, Path]:
     """64 triplets and 64 scored pairs of Korean texts (KorSTS's when present), tab-separated."""
-    root = tmp_path_factory.mktemp("data")
     texts = [t.replace("\t", " ") for t in corpus(200, seed=3)]
     rng = random.Random(0)
     triplets = root / "triplets.tsv"
