@@ -5,7 +5,9 @@ each chunk of texts (A B C A B C ...) so a machine shared with other work slows 
 median over repetitions of each system's total time is reported, with the spread over passes and the
 ratio to sentence-transformers within each repetition (pass). Also prints the agreement with
 sentence-transformers, the achieved GFLOP/s against a big-matmul peak measured on the same machine
-(and the FLOP bound that peak sets), the CPU's kind and the load average before and after.
+(and the FLOP bound that peak sets), the GEMM bound (minisbert's own linears alone at this workload's
+shapes, timed in the same turns: what the machine's GEMM library allows), the CPU's kind and the load
+average before and after.
 
     python scripts/bench.py --model random-bert --n 512 --repeats 5
     python scripts/bench.py --model random-bert --quantize int8 --n 512 --repeats 5
@@ -288,6 +290,51 @@ def int8_peak(repeats: int = 5) -> float:
     return 2 * size**3 / best_seconds([run], "cpu", repeats) / 1e9
 
 
+class GemmsAlone:
+    """The fast path's linear layers and nothing else, at the shapes it runs them for these texts.
+
+    The 2048^3 peak is a rate the encoder's own GEMMs (768 -> 2304, 768 -> 768, 768 -> 3072, 3072 -> 768
+    on a batch's tokens) do not reach: on the Intel Xeon they ran at 82-91% of it (``scripts/gemm_shapes.py``).
+    This runs minisbert's own ``Linear`` objects (every layer's prepacked weights, fused GELU and residual
+    epilogues) on random inputs with the row counts the fast path forms: its token batches, each rounded up
+    to ``Linear.ROWS``, the FFN in ``PackedBlock.FFN_ROWS`` chunks. No tokenizer, attention, LayerNorm,
+    packing or pooling. Timed in the same interleaved turns as the systems; its time plus the attention
+    FLOPs at the peak is the GEMM bound, the fastest this machine's GEMM library runs these linears.
+    """
+
+    def __init__(self, encoder, lengths: dict[str, int]):
+        from minisbert.fast import PackedBlock
+
+        self.forward = encoder._packed.forward
+        self.blocks = self.forward.blocks
+        self.lengths, self.max_tokens, self.step = lengths, encoder.max_seq_length, PackedBlock.FFN_ROWS
+        self.width = self.blocks[0].attn_ln.weight.shape[0]
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def rows(self, texts: list[str], batch_size: int) -> list[int]:
+        """Row count of each GEMM input the fast path forms for ``texts`` (one per token batch)."""
+        from minisbert.fast import token_batches
+
+        ids = [range(self.lengths[t]) for t in texts]  # only the lengths matter
+        multiple = self.forward.rows_multiple
+        return [-(-sum(len(ids[i]) for i in batch) // multiple) * multiple
+                for batch in token_batches(ids, batch_size, self.max_tokens)]
+
+    def encode(self, texts: list[str], batch_size: int = 32, **_) -> None:
+        with torch.inference_mode():
+            for n in self.rows(texts, batch_size):
+                if n not in self.inputs:
+                    self.inputs[n] = torch.randn(n, self.width, dtype=self.blocks[0].attn_ln.weight.dtype)
+                x = self.inputs[n]
+                for block in self.blocks:  # as PackedBlock.__call__, minus everything but the linears
+                    block.qkv(x)
+                    block.out.add(x, x)
+                    if n <= self.step:
+                        block.down.add(block.up(x), x)
+                    for s in range(0, n, self.step) if n > self.step else ():
+                        block.down(block.up(x[s: s + self.step]))  # the residual add there is a pass of its own
+
+
 def best_seconds(runs, device: str, repeats: int) -> float:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = float("inf")
@@ -382,8 +429,13 @@ def main(argv=None) -> dict:
             systems["st-openvino"] = model
 
     times = {name: [] for name in systems}
+    # The GEMM bound's timing, on the CPU where the fast path runs its linears through ``fast.Linear``.
+    gemms = GemmsAlone(ours, dict(zip(texts, lengths))) if args.device == "cpu" and ours.fast else None
+    gemm_times = []
     for model in systems.values():  # warm-up
         model.encode(texts[: args.batch_size * 2], batch_size=args.batch_size)
+    if gemms:
+        gemms.encode(texts, batch_size=args.batch_size)  # every row count once: oneDNN builds a kernel per shape
     outputs = {name: [] for name in systems}  # the first repetition's embeddings, compared below
     # Interleaved per chunk of texts, not per pass, so a burst of other work on a shared machine hits
     # every system alike; a system's time for one pass is the sum over chunks, reported as the median
@@ -398,8 +450,14 @@ def main(argv=None) -> dict:
                 spent[name] += time.perf_counter() - t
                 if len(times[name]) == 0:
                     outputs[name].append(np.asarray(emb, dtype=np.float32))
+            if gemms:
+                t = time.perf_counter()
+                gemms.encode(texts[start: start + chunk], batch_size=args.batch_size)
+                spent["gemms"] = spent.get("gemms", 0.0) + time.perf_counter() - t
         for name in systems:
             times[name].append(spent[name])
+        if gemms:
+            gemm_times.append(spent["gemms"])
     outputs = {name: np.concatenate(parts) for name, parts in outputs.items()}
     load_end = os.getloadavg()
 
@@ -414,7 +472,13 @@ def main(argv=None) -> dict:
         peaks[args.dtype] = matmul_peak(dtype, args.device)
     if not args.no_peak and args.quantize and onednn_int8_usable():
         peaks["int8"] = int8_peak()
-    bound = total_flops / (peaks[args.dtype if dtype != torch.float32 else "fp32"] * 1e9) if peaks else None
+    peak = peaks[args.dtype if dtype != torch.float32 else "fp32"] * 1e9 if peaks else None
+    bound = total_flops / peak if peaks else None
+    cfg = ours.model.config
+    attention_flops = float(sum(cfg.num_hidden_layers * 4 * t * t * cfg.hidden_size for t in lengths))
+    # The GEMM bound: the linears at the rate this machine's GEMM library reaches at their own shapes,
+    # attention (a few % of the FLOPs at 128 tokens) still at the big-matmul peak.
+    gemm_bound = statistics.median(gemm_times) + attention_flops / peak if gemm_times and peak else None
     rows = []
     for name in systems:
         t = statistics.median(times[name])
@@ -424,6 +488,7 @@ def main(argv=None) -> dict:
                      "sentences_per_s_per_pass": [len(texts) / x for x in times[name]],
                      "tokens_per_s": sum(lengths) / t, "gflops": total_flops / t / 1e9,
                      "percent_of_flop_bound": 100 * bound / t if bound else None,
+                     "percent_of_gemm_bound": 100 * gemm_bound / t if gemm_bound else None,
                      "max_abs_diff_vs_st": float(np.abs(a - b).max()), "min_cosine_vs_st": float(cos.min())})
     by_name = {r["system"]: r for r in rows}
     onnx_name = next((n for n in ("st-onnx", "ort-export") if n in by_name), None)
@@ -454,6 +519,14 @@ def main(argv=None) -> dict:
         result["flop_bound"] = {"seconds": bound, "sentences_per_s": len(texts) / bound,
                                 "vs_st": by_name["st"]["seconds"] / bound,
                                 "vs_onnx": by_name[onnx_name]["seconds"] / bound if onnx_name else None}
+    if gemm_times:
+        linear_flops = total_flops - attention_flops
+        result["gemms_alone"] = {"seconds": statistics.median(gemm_times), "all_seconds": gemm_times,
+                                 "gflops": linear_flops / statistics.median(gemm_times) / 1e9}
+    if gemm_bound:
+        result["gemm_bound"] = {"seconds": gemm_bound, "sentences_per_s": len(texts) / gemm_bound,
+                                "vs_st": by_name["st"]["seconds"] / gemm_bound,
+                                "percent_of_flop_bound": 100 * bound / gemm_bound}
 
     print(f"{args.model}  {args.dtype} on {args.device}, {threads} threads, batch {args.batch_size}, "
           f"max_seq_length {ours.max_seq_length}, {len(texts)} {args.texts} texts / {sum(lengths)} tokens, "
@@ -465,12 +538,13 @@ def main(argv=None) -> dict:
           + ("  << busy machine: read the ratios within passes, not the absolute speeds"
              if max(load_start[0], load_end[0]) > 1.5 * (os.cpu_count() or 1) else ""))
     print(f"{'system':<22}{'sent/s':>9}{'passes':>16}{'vs ST':>7}{'passes':>11}{'vs ONNX':>8}{'GFLOP/s':>8}"
-          f"{'%bound':>7}{'max|diff|':>10}{'min cos':>10}")
+          f"{'%bound':>7}{'%gemm':>6}{'max|diff|':>10}{'min cos':>10}")
     for r in rows:
         vs_onnx = f"{r['vs_onnx']:.2f}" if r["vs_onnx"] else "-"
         share = f"{r['percent_of_flop_bound']:.0f}" if r["percent_of_flop_bound"] else "-"
+        gemm_share = f"{r['percent_of_gemm_bound']:.0f}" if r["percent_of_gemm_bound"] else "-"
         print(f"{r['system']:<22}{r['sentences_per_s']:>9.1f}{spread(r['sentences_per_s_per_pass'], 1):>16}"
-              f"{r['vs_st']:>7.2f}{spread(r['vs_st_per_pass']):>11}{vs_onnx:>8}{r['gflops']:>8.1f}{share:>7}"
+              f"{r['vs_st']:>7.2f}{spread(r['vs_st_per_pass']):>11}{vs_onnx:>8}{r['gflops']:>8.1f}{share:>7}{gemm_share:>6}"
               f"{r['max_abs_diff_vs_st']:>10.2e}{r['min_cosine_vs_st']:>10.6f}")
     if args.repeats > 1:
         print("vs ST within each pass: " + "; ".join(
@@ -484,6 +558,15 @@ def main(argv=None) -> dict:
         print(f"FLOP bound (every FLOP of the real tokens at the {args.dtype} peak, nothing else): "
               f"{fb['sentences_per_s']:.1f} sent/s = {fb['vs_st']:.2f}x st"
               + (f" = {fb['vs_onnx']:.2f}x {onnx_name}" if fb["vs_onnx"] else ""))
+    if gemm_times:
+        ga = result["gemms_alone"]
+        print(f"minisbert's linears alone at this workload's shapes: {ga['gflops']:.0f} GFLOP/s"
+              + (f" ({100 * ga['gflops'] * 1e9 / peak:.0f}% of the peak)" if peak else "")
+              + f", passes {spread(gemm_times, 3)} s")
+    if gemm_bound:
+        gb = result["gemm_bound"]
+        print(f"GEMM bound (those linears + attention at the peak, nothing else): {gb['sentences_per_s']:.1f} "
+              f"sent/s = {gb['vs_st']:.2f}x st = {gb['percent_of_flop_bound']:.0f}% of the FLOP bound")
     if args.json:
         text = json.dumps(result, indent=2)
         if args.json == "-":

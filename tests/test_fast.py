@@ -509,6 +509,8 @@ def test_bench_script_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert {"model", "dtype", "threads", "tokens", "peak_gflops", "rows", "cpu", "loadavg"} <= set(result)
     assert result["cpu"]["model_name"] and len(result["loadavg"]["start"]) == 3
+    gemms = result["gemms_alone"]  # the GEMM bound's own timing, one per pass
+    assert len(gemms["all_seconds"]) == 2 and gemms["seconds"] > 0 and gemms["gflops"] > 0
     names = [r["system"] for r in result["rows"]]
     assert any(n.startswith("minisbert[") for n in names) and "st" in names and "minisbert[int8]" in names
     for row in result["rows"]:
@@ -522,6 +524,45 @@ def test_bench_script_smoke(tmp_path):
         assert len(row["vs_st_per_pass"]) == 2 and all(x > 0 for x in row["vs_st_per_pass"])
     assert "vs ST within each pass: minisbert[" in proc.stdout and "CPU: " in proc.stdout
     assert "minisbert[int8] vs minisbert[" in proc.stdout
+
+
+def bench_script(monkeypatch):
+    """scripts/bench.py as a module; what it sets at import (environment, sys.path) is undone after the test."""
+    import importlib.util
+
+    for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, os.environ.get(name, "1" if name == "HF_HUB_OFFLINE" else "false"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2"])
+def test_bench_gemm_bound_times_the_fast_paths_own_gemms(arch, tiny_models, monkeypatch):
+    """The GEMM bound of scripts/bench.py runs minisbert's linears at the row counts the fast path forms for
+    the same texts (token batches, rounded to the backend's row multiple): recorded from a real encode."""
+    bench = bench_script(monkeypatch)
+    encoder = load(tiny_models, arch)
+    runner_or_skip(encoder, arch)
+    texts = corpus(70) + [" ".join(corpus(40)[i: i + 12]) for i in range(0, 36, 6)]  # some cut at 128 tokens
+    block = encoder._packed.forward.blocks[0]
+    seen, qkv = [], block.qkv
+
+    def recording(x):
+        seen.append(x.shape[0])
+        return qkv(x)
+
+    monkeypatch.setattr(block, "qkv", recording)
+    encoder.encode(texts, batch_size=4)
+    lengths = [len(ids) for ids in encoder.tokenizer.encode_ids(texts)]
+    assert max(lengths) == 128 and len(set(lengths)) > 10
+    gemms = bench.GemmsAlone(encoder, dict(zip(texts, lengths)))
+    rows = gemms.rows(texts, 4)
+    assert rows == seen and len(rows) > 3
+    gemms.encode(texts, batch_size=4)  # and it runs the block's own linears at those rows
+    assert seen == rows + rows
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
