@@ -7,6 +7,7 @@ attention output, 768 -> 3072 and 3072 -> 768 FFN), best of 7 interleaved repeti
     python scripts/gemm_shapes.py
 """
 
+import argparse
 import time
 
 import torch
@@ -16,7 +17,10 @@ SHAPES = [(1024, 768, 2304), (1024, 768, 768), (1024, 768, 3072), (1024, 3072, 7
           (4096, 768, 3072), (2048, 2048, 2048)]
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repetitions; the best of them is shown")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
     for m, k, n in SHAPES:
@@ -27,7 +31,7 @@ def main() -> None:
         best = dict.fromkeys(fns, float("inf"))
         for f in fns.values():
             f()
-        for _ in range(7):
+        for _ in range(args.repeats):
             for name, f in fns.items():
                 start = time.perf_counter()
                 for _ in range(5):

@@ -2,7 +2,7 @@
 
 For each model: the benchmark's workload (``scripts/bench.py``: KorSTS sentences and passages) embedded
 in fp32 and with ``quantize="int8"``; the lowest and mean cosine between the two embeddings of each
-text; then, where ``../shared/data/korsts/sts-test.tsv`` (or ``--korsts``) exists, the KorSTS test
+text; then, where the shared data's ``korsts/sts-test.tsv`` (or ``--korsts``) exists, the KorSTS test
 cosine Spearman x 100 of both (``minisbert.sts.evaluate_sts``, the model cards' figure). With
 ``--onnx-int8`` (needs the ``st-onnx`` extra's environment) the same figures for
 sentence-transformers' dynamic-int8 ONNX export, for comparison.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from bench import RANDOM, build_random, onnx_systems, workload  # noqa: E402
-from conftest import KORSTS  # noqa: E402
+from conftest import shared_data  # noqa: E402
 
 from minisbert import SentenceEncoder  # noqa: E402
 from minisbert.sts import evaluate_sts, read_sts  # noqa: E402
@@ -41,14 +41,15 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=512, help="texts of the benchmark workload")
     p.add_argument("--max-seq-length", type=int, default=None, help="default: the model's own (random-*: 128)")
     p.add_argument("--texts", default="mixed", choices=["mixed", "passages"])
-    p.add_argument("--korsts", default=str(KORSTS / "sts-test.tsv"), help="KorSTS test file ('' to skip)")
+    p.add_argument("--korsts", default=str(shared_data("korsts/sts-test.tsv") or ""),
+                   help="KorSTS test file (default: the shared data's, when present; '' to skip)")
     p.add_argument("--onnx-int8", action="store_true", help="also sentence-transformers' dynamic-int8 ONNX export")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     texts = workload(args.n, kind=args.texts)
     korsts = read_sts(args.korsts) if args.korsts and Path(args.korsts).is_file() else None
-    if args.korsts and korsts is None:
-        print(f"{args.korsts} not found: KorSTS figures skipped")
+    if korsts is None:
+        print(f"{args.korsts or 'the shared data'}: no KorSTS test file, KorSTS figures skipped")
     results = {}
     for name in args.model or ["all-MiniLM-L6-v2"]:
         path = build_random(name, args.max_seq_length or 128) if name in RANDOM else name

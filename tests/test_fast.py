@@ -526,6 +526,17 @@ def test_bench_script_smoke(tmp_path):
     assert "minisbert[int8] vs minisbert[" in proc.stdout
 
 
+@pytest.mark.slow  # one subprocess per script, each importing torch: ~40 s
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.py")))
+def test_every_script_starts(script):
+    """Each script imports what it needs (the tests' helpers included) and parses its arguments: one whose
+    import broke under a refactor fails here, not when someone reruns a measurement in the docs."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:"), proc.stdout[:500]
+
+
 def bench_script(monkeypatch):
     """scripts/bench.py as a module; what it sets at import (environment, sys.path) is undone after the test."""
     import importlib.util
