@@ -53,18 +53,23 @@ def test_hadamard_is_orthonormal_and_rotates_blocks():
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-@pytest.mark.parametrize("rotate_input, act", [(False, None), (True, None), (True, "gelu")])
-def test_int8_linear_is_its_definition(onednn, rotate_input, act, monkeypatch):
+@pytest.mark.parametrize("rotate_input, act, packed", [(False, None, True), (True, None, True), (True, "gelu", True),
+                                                        (True, None, False)])
+def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed, monkeypatch):
     """y = (q_x s_x)(q_w s_w)^T + b: the integer products exact, one scale per token and per output
-    channel, the block rotation applied to both sides; through oneDNN and through torch._int_mm."""
+    channel, the block rotation applied to both sides; through oneDNN and through torch._int_mm, the
+    rotation through oneDNN's prepacked GEMM and through ``x @ h``."""
     if onednn and not fast.onednn_int8_usable():
         pytest.skip("oneDNN's int8 linear does not run here")
+    if packed and not fast.mkldnn_usable():
+        pytest.skip("oneDNN's fp32 linear does not run here")
     monkeypatch.setattr(fast, "onednn_int8_usable", lambda: onednn)
+    monkeypatch.setattr(fast, "mkldnn_usable", lambda dtype=torch.float32: packed)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g)
     x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of Linear.ROWS
     lin = fast.Linear(w, b, "int8", act=act, rotate_input=rotate_input)
-    assert lin.onednn == onednn
+    assert lin.onednn == onednn and (lin.rotation_packed is not None) == (packed and rotate_input)
     h = fast.hadamard(64)
     turn = (lambda t: fast.rotate(t, h)) if rotate_input else (lambda t: t)
     qx, sx = fast.quantize_rows(turn(x))
