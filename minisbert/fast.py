@@ -270,7 +270,8 @@ class Linear:
 
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
         rotated = self.rotation is not None
-        if rotated and self.rotation_packed is not None:  # a new tensor, quantized in place
+        # Either way the rotation makes a new tensor, which quantize_rows then scales and rounds in place.
+        if rotated and self.rotation_packed is not None:
             x = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.rotation.shape[0]), self.rotation_packed, None,
                                                    "none", [], "").view(x.shape)
         elif rotated:

@@ -294,7 +294,8 @@ class GemmsAlone:
     """The fast path's linear layers and nothing else, at the shapes it runs them for these texts.
 
     The 2048^3 peak is a rate the encoder's own GEMMs (768 -> 2304, 768 -> 768, 768 -> 3072, 3072 -> 768
-    on a batch's tokens) do not reach: on the Intel Xeon they ran at 82-91% of it (``scripts/gemm_shapes.py``).
+    on a batch's tokens) do not reach: on the Intel Xeon they ran at 73-82% of it in this benchmark's runs
+    (docs/performance.md; ``scripts/gemm_shapes.py`` times single shapes).
     This runs minisbert's own ``Linear`` objects (every layer's prepacked weights, fused GELU and residual
     epilogues) on random inputs with the row counts the fast path forms: its token batches, each rounded up
     to ``Linear.ROWS``, the FFN in ``PackedBlock.FFN_ROWS`` chunks. No tokenizer, attention, LayerNorm,
