@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, corpus, make_checkpoint, st_model
+from conftest import REPO, corpus, load_script, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder, fast, kernels
 
@@ -539,15 +539,10 @@ def test_every_script_starts(script):
 
 def bench_script(monkeypatch):
     """scripts/bench.py as a module; what it sets at import (environment, sys.path) is undone after the test."""
-    import importlib.util
-
     for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
         monkeypatch.setenv(name, os.environ.get(name, "1" if name == "HF_HUB_OFFLINE" else "false"))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 @pytest.mark.parametrize("arch", ["bert", "deberta-v2"])

@@ -4,7 +4,6 @@ checkpoint, and the heat-map script draws a PNG."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, corpus, make_checkpoint
+from conftest import corpus, load_script, make_checkpoint
 
 from minisbert import SentenceEncoder
 from minisbert.cli import main
@@ -312,16 +311,9 @@ def test_inspect_missing_model_is_a_clean_error(tmp_path, capsys):
 # scripts/attention_heatmap.py
 
 
-def heatmap_script():
-    spec = importlib.util.spec_from_file_location("attention_heatmap", REPO / "scripts" / "attention_heatmap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_heatmap_writes_png(tiny_bert, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    script = heatmap_script()
+    script = load_script("attention_heatmap")
     for head in ("mean", "3"):
         out = tmp_path / f"attention-{head}.png"
         assert script.main(["--model", str(tiny_bert), "--text", "오늘 서울의 날씨는 맑다.", "--layer", "1",
@@ -332,7 +324,7 @@ def test_heatmap_writes_png(tiny_bert, tmp_path, capsys):
 
 
 def test_heatmap_without_matplotlib_says_how_to_install(tiny_bert, tmp_path, monkeypatch, capsys):
-    script = heatmap_script()
+    script = load_script("attention_heatmap")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert script.main(["--model", str(tiny_bert), "--text", "a", "--output", str(tmp_path / "x.png")]) == 2
     assert "matplotlib is not installed" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
