@@ -16,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from minisbert import __version__, corpus, hub, inspect, ray_data, sts, train
-from minisbert.checkpoint import convert_to_safetensors
+from minisbert import __version__, corpus, inspect, sts, train
+from minisbert.corpus import job as corpus_job
+from minisbert.corpus import ray_engine
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
-from minisbert.fast import QUANTIZE, check_quantize
+from minisbert.fast.int8 import QUANTIZE, check_quantize
+from minisbert.io import hub
+from minisbert.io.weights import convert_to_safetensors
 from minisbert.loading import check_device, parse_dtype
 from minisbert.quantize import PRECISIONS
-from minisbert.tokenizer import clean_text
+from minisbert.text.tokenizer import clean_text
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -217,10 +220,10 @@ def _add_embed_corpus(sub) -> None:
 def run_embed_corpus(args) -> int:
     # Arguments, optional packages, inputs and folder are checked before the model loads (embed_corpus).
     device = check_device(args.device) if args.engine == "local" else args.device
-    corpus.pyarrow()
+    corpus_job.pyarrow()
     if args.engine == "ray":
-        ray_data.ray_module()
-    settings = corpus.Settings(args.model, revision=args.revision, dtype=args.dtype,
+        ray_engine.ray_module()
+    settings = corpus.CorpusSettings(args.model, revision=args.revision, dtype=args.dtype,
                                max_seq_length=args.max_seq_length, precision=args.precision,
                                normalize=args.normalize, text_column=args.text_column, id_column=args.id_column,
                                rows_per_part=args.rows_per_part, skip_bad_rows=args.skip_bad_rows)
@@ -229,7 +232,7 @@ def run_embed_corpus(args) -> int:
     if args.engine == "local":
         done = corpus.embed_corpus(args.input, args.output, settings, **common)
     else:
-        done = ray_data.embed_corpus(args.input, args.output, settings, threads=args.threads,
+        done = ray_engine.embed_corpus(args.input, args.output, settings, threads=args.threads,
                                      address=args.ray_address, **common)
     skipped = f", {len(done['bad_rows'])} bad rows skipped (listed in the manifest)" if done["bad_rows"] else ""
     print(f"wrote {done['rows_written']} embeddings of dimension {done['dimension']} in {len(done['parts'])} "

@@ -4,7 +4,7 @@
 builds and fills the modules (``loading``), then the encoder only runs: tokenizer -> transformer
 (through a runner, ``runner.ReferenceRunner`` or ``fast.PackedRunner``) -> pooling -> the modules
 after it (Dense, LayerNorm, Normalize), with sentence-transformers' ``encode`` semantics: prompts,
-truncate_dim, output values, precision, the conversions, a multi-process pool (``minisbert.pool``).
+truncate_dim, output values, precision, the conversions, a multi-process pool (``minisbert.workers``).
 """
 
 from __future__ import annotations
@@ -21,19 +21,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minisbert import hub
-from minisbert import pool as process_pool
-from minisbert.fast import PackedRunner, check_quantize, fast_forward, to_device
-from minisbert.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
+from minisbert import workers
+from minisbert.fast.int8 import check_quantize
+from minisbert.fast.packing import to_device
+from minisbert.fast.runner import PackedRunner, fast_forward
+from minisbert.io import hub
+from minisbert.io.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
+from minisbert.io.save import save as save_folder
 from minisbert.loading import Loaded, check_device, load, parse_dtype
 from minisbert.models import ARCHITECTURES
-from minisbert.modules import LayerPooled
-from minisbert.pooling import pool as pool_states
+from minisbert.modules.layers import LayerPooled
+from minisbert.modules.pooling import pool as pool_states
 from minisbert.quantize import PRECISIONS, quantize_embeddings, to_numpy
 from minisbert.runner import ReferenceRunner, guard_forked_children
-from minisbert.save import save as save_folder
 from minisbert.search import PAIRWISE, SIMILARITY
-from minisbert.tokenizer import check_texts, clean_text, pad_ids
+from minisbert.text.tokenizer import check_texts, clean_text, pad_ids
 from minisbert.trace import trace as trace_sentences
 
 log = logging.getLogger("minisbert")
@@ -88,7 +90,7 @@ class SentenceEncoder:
         from ``weights/models.json``, or a hub id (downloaded with ``huggingface_hub``).
 
         ``dtype``: a torch dtype or its name (``"float32"``, ``"float16"``, ``"bfloat16"``), or ``"auto"``
-        (the checkpoint's own). ``fast``: run the packed fast path of ``minisbert.fast`` (True), the
+        (the checkpoint's own). ``fast``: run the packed fast path of ``minisbert/fast/`` (True), the
         reference model forward (False), or choose automatically (None: fast where supported, unless
         ``MINISBERT_FAST=0``). ``prompts``, ``default_prompt_name``, ``similarity_fn_name``,
         ``truncate_dim``: override the folder's settings as ``SentenceTransformer(...)``'s keywords do
@@ -257,7 +259,7 @@ class SentenceEncoder:
 
     @property
     def fast(self) -> bool:
-        """Whether ``encode`` runs ``minisbert.fast``'s packed path instead of the reference forward."""
+        """Whether ``encode`` runs the packed path (``minisbert/fast/``) instead of the reference forward."""
         return self._packed is not None
 
     @fast.setter
@@ -394,7 +396,7 @@ class SentenceEncoder:
                          truncate_dim=truncate_dim)
         multi_process = pool is not None or (isinstance(device, list) and len(device) > 0)
         if multi_process:
-            out = process_pool.encode(self, texts, pool=pool, devices=device, chunk_size=chunk_size, **inference)
+            out = workers.encode(self, texts, pool=pool, devices=device, chunk_size=chunk_size, **inference)
         else:
             if device is not None and not isinstance(device, list):
                 target = torch.empty(0, device=device).device  # canonical: "cpu:0" is "cpu"
@@ -523,14 +525,14 @@ class SentenceEncoder:
     # -- worker processes ----------------------------------------------------------------------------
 
     def start_multi_process_pool(self, target_devices: list[str] | None = None) -> dict:
-        """Start worker processes (``minisbert.pool``) for ``encode(..., pool=pool)``: one per device
+        """Start worker processes (``minisbert.workers``) for ``encode(..., pool=pool)``: one per device
         (default: every CUDA device, else min(4, cores) CPU workers), each with its share of the cores."""
-        return process_pool.start(self, target_devices)
+        return workers.start(self, target_devices)
 
     @staticmethod
     def stop_multi_process_pool(pool: dict) -> None:
         """Stop the pool's workers; none is left running."""
-        process_pool.stop(pool)
+        workers.stop(pool)
 
     def encode_multi_process(self, sentences: list[str], pool: dict, **kwargs) -> np.ndarray:
         """sentence-transformers' deprecated name for ``encode(sentences, pool=pool)``."""
@@ -557,7 +559,7 @@ class SentenceEncoder:
 
     def save(self, path: str | os.PathLike, model_name: str | None = None, create_model_card: bool = True,
              train_datasets: list[str] | None = None, safe_serialization: bool = True) -> None:
-        """Write the encoder as a sentence-transformers model folder (``minisbert/save.py``): what
+        """Write the encoder as a sentence-transformers model folder (``minisbert/io/save.py``): what
         ``SentenceTransformer(path)`` and ``SentenceEncoder.from_pretrained(path)`` load with the same
         embeddings, with the current weights, dtype, ``max_seq_length``, prompts and settings."""
         save_folder(self, path, model_name=model_name, create_model_card=create_model_card,

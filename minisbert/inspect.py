@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minisbert import checkpoint
-from minisbert.cpu import cpu_kind
 from minisbert.encoder import SentenceEncoder
-from minisbert.fast import onednn_int8_usable
+from minisbert.fast.cpu import cpu_kind
+from minisbert.fast.int8 import onednn_int8_usable
+from minisbert.io.weights import detect_prefix, map_state_dict, read_state_dict
 from minisbert.models import ARCHITECTURES
 
 # Typed-config fields shown for every architecture, in reading order; "head_dim" and "max_tokens"
@@ -56,9 +56,9 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
     encoder = SentenceEncoder.from_pretrained(name_or_path, revision=revision)
     model, cfg, layout = encoder.model, encoder.model.config, encoder.folder
     weights = layout.weights
-    state = checkpoint.read_state_dict(weights)
+    state = read_state_dict(weights)
     sources: dict[str, str] = {}  # our parameter -> checkpoint key, filled by the loader's mapping
-    checkpoint.map_state_dict(state, encoder.arch, model, str(weights), sources=sources)
+    map_state_dict(state, encoder.arch, model, str(weights), sources=sources)
 
     summary = {name: getattr(cfg, name) for name in SUMMARY if hasattr(cfg, name)}
     summary["head_dim"] = getattr(cfg, "attention_head_size", cfg.hidden_size // cfg.num_attention_heads)
@@ -93,7 +93,7 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
                   "checkpoint": sorted({row["dtype"] for row in mapped})},
         "parameters": _parameter_counts(model),
         "checkpoint": {"file": str(weights.relative_to(folder)) if weights.is_relative_to(folder) else str(weights),
-                       "prefix": checkpoint.detect_prefix(state, encoder.arch), "keys": len(state),
+                       "prefix": detect_prefix(state, encoder.arch), "keys": len(state),
                        "mapped": mapped, "ignored": ignored},
         "files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size}
                   for p in sorted(folder.rglob("*")) if p.is_file() and ".git" not in p.relative_to(folder).parts],

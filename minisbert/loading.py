@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from minisbert import checkpoint
-from minisbert.dense import NAMES as DENSE_NAMES
-from minisbert.dense import Dense
 from minisbert.errors import CheckpointError, ConfigError
-from minisbert.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
-from minisbert.kobert import KoBertTokenizer
+from minisbert.io.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
+from minisbert.io.weights import check_safetensors_header, map_state_dict, read_state_dict
 from minisbert.models import ARCHITECTURES
-from minisbert.modules import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm, Normalize, WeightedLayerPooling
-from minisbert.tokenizer import TextTokenizer
+from minisbert.modules.dense import NAMES as DENSE_NAMES
+from minisbert.modules.dense import Dense
+from minisbert.modules.layers import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm, Normalize, WeightedLayerPooling
+from minisbert.text.kobert import KoBertTokenizer
+from minisbert.text.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -99,7 +99,7 @@ def checkpoint_dtype(folder: ModelFolder) -> torch.dtype:
         if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
             return DTYPES[name.removeprefix("torch.")]
     if folder.weights.suffix == ".safetensors":  # the header says, without reading the tensors
-        header = checkpoint.check_safetensors_header(folder.weights)
+        header = check_safetensors_header(folder.weights)
         stored = {SAFETENSORS_DTYPES.get(v.get("dtype")) for k, v in header.items() if k != "__metadata__"}
         stored.discard(None)
         if len(stored) == 1:
@@ -152,7 +152,7 @@ def architecture(folder: ModelFolder):
 def load_transformer(arch, hf_config: dict, weights: Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> nn.Module:
     """The architecture built from ``hf_config`` and filled from ``weights``."""
-    state = checkpoint.read_state_dict(weights)
+    state = read_state_dict(weights)
     # Every layer has at least one tensor. Refusing more layers than the file has tensors before
     # building keeps a config asking for 10**9 layers from taking hours, even on the meta device.
     layers = hf_config.get("num_hidden_layers")
@@ -178,7 +178,7 @@ def load_dense(module: DenseModule, in_features: int, device: str | torch.device
         raise ConfigError(f"{module.folder / 'config.json'}: in_features={module.config.in_features}, but the "
                           f"module before it gives {in_features}")
     dense = on_meta(Dense, module.config)
-    return fill(dense, DENSE_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device, dtype)
+    return fill(dense, DENSE_NAMES, read_state_dict(module.weights), module.weights, device, dtype)
 
 
 def load_layer_norm(module: LayerNormModule, width: int, device: str | torch.device = "cpu",
@@ -187,7 +187,7 @@ def load_layer_norm(module: LayerNormModule, width: int, device: str | torch.dev
         raise ConfigError(f"{module.folder / 'config.json'}: dimension={module.config.dimension}, but the module "
                           f"before it gives {width}")
     norm = on_meta(LayerNorm, module.config)
-    return fill(norm, LAYER_NORM_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device, dtype)
+    return fill(norm, LAYER_NORM_NAMES, read_state_dict(module.weights), module.weights, device, dtype)
 
 
 def load_layer_pooling(module: LayerPoolingModule, model: nn.Module, device: str | torch.device = "cpu",
@@ -201,7 +201,7 @@ def load_layer_pooling(module: LayerPoolingModule, model: nn.Module, device: str
         raise ConfigError(f"{path}: num_hidden_layers={cfg.num_hidden_layers}, but the transformer has "
                           f"{model.config.num_hidden_layers} layers")
     pooling = on_meta(WeightedLayerPooling, cfg)
-    return fill(pooling, LAYER_POOLING_NAMES, checkpoint.read_state_dict(module.weights), module.weights, device,
+    return fill(pooling, LAYER_POOLING_NAMES, read_state_dict(module.weights), module.weights, device,
                 dtype)
 
 
@@ -211,7 +211,7 @@ def fill(module: nn.Module, names, state: dict[str, torch.Tensor], weights: Path
     ``names`` (an architecture module, or anything with its ``PREFIXES``/``CHECKPOINT_NAMES``/
     ``IGNORED_KEYS``), strictly; returns it in eval mode without gradients."""
     sources: dict[str, str] = {}  # our name -> the checkpoint's key, for errors a user can grep for
-    mapped = checkpoint.map_state_dict(state, names, module, str(weights), sources=sources)
+    mapped = map_state_dict(state, names, module, str(weights), sources=sources)
     cast = {}
     for ours, tensor in mapped.items():
         value = tensor.to(device=device, dtype=dtype)

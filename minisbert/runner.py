@@ -27,8 +27,8 @@ import os
 import torch
 from torch import nn
 
-from minisbert.pooling import pool
-from minisbert.tokenizer import pad_ids
+from minisbert.modules.pooling import pool
+from minisbert.text.tokenizer import pad_ids
 
 _FORK_GUARD = []
 

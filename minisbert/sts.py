@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
-from minisbert.hub import weights_dir
+from minisbert.io.hub import short_names
 
 METRICS = ["cosine_pearson", "cosine_spearman", "euclidean_pearson", "euclidean_spearman",
            "manhattan_pearson", "manhattan_spearman", "dot_pearson", "dot_spearman"]
@@ -381,8 +381,8 @@ def format_table(results: dict[str, dict]) -> str:
 def card_figures(model: str) -> tuple[str, dict] | None:
     """(label, KorSTS-test figures x 100) published on the model's card, from the weights manifest if any."""
     try:
-        entries = json.loads((weights_dir() / "models.json").read_text(encoding="utf-8"))["models"]
-    except (OSError, ValueError, KeyError, TypeError):  # no manifest, or not one we can read: no card row
+        entries = list(short_names().values())
+    except (MinisbertError, KeyError, TypeError):  # a manifest we cannot read: no card row
         return None
     # A folder named like the short name (e.g. weights/ko-sroberta-multitask) is that model too.
     asked = {model, Path(model).name}

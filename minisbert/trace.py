@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minisbert.pooling import pool
-from minisbert.tokenizer import check_texts
+from minisbert.modules.pooling import pool
+from minisbert.text.tokenizer import check_texts
 
 TERMS = ("c2c", "c2p", "p2c")  # DeBERTa-v2's disentangled attention: content/position pairs
 

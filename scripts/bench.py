@@ -55,8 +55,8 @@ sys.path.insert(1, str(REPO / "tests"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from minisbert.cpu import cpu_kind  # noqa: E402
-from minisbert.fast import onednn_int8_usable  # noqa: E402
+from minisbert.fast.cpu import cpu_kind  # noqa: E402
+from minisbert.fast.int8 import onednn_int8_usable  # noqa: E402
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 RANDOM = {"random-bert": "bert", "random-roberta": "roberta", "random-deberta": "deberta-v2"}
@@ -270,7 +270,7 @@ def peak_size(device: str) -> int:
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> float:
     """Best GFLOP/s of a square GEMM of side ``peak_size(device)`` on ``device`` (on the CPU: F.linear
     (MKL) or oneDNN, whichever is faster)."""
-    from minisbert.fast import mkldnn_usable
+    from minisbert.fast.linear import mkldnn_usable
 
     size = peak_size(device)
     a = torch.randn(size, size, device=device).to(dtype)
@@ -285,7 +285,7 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 5) -> fl
 def int8_peak(repeats: int = 5) -> float:
     """Best GOP/s of minisbert's int8 GEMM alone (oneDNN's int8 linear, int32 sums, no quantization of the
     input, no scales) at 2048^3."""
-    from minisbert.fast import Linear
+    from minisbert.fast.linear import Linear
 
     size = peak_size("cpu")
     lin = Linear(torch.randn(size, size), None, "int8")
@@ -309,7 +309,7 @@ class GemmsAlone:
     """
 
     def __init__(self, encoder, lengths: dict[str, int]):
-        from minisbert.fast import PackedBlock
+        from minisbert.fast.packed import PackedBlock
 
         self.forward = encoder._packed.forward
         self.blocks = self.forward.blocks
@@ -319,7 +319,7 @@ class GemmsAlone:
 
     def rows(self, texts: list[str], batch_size: int) -> list[int]:
         """Row count of each GEMM input the fast path forms for ``texts`` (one per token batch)."""
-        from minisbert.fast import token_batches
+        from minisbert.fast.packing import token_batches
 
         ids = [range(self.lengths[t]) for t in texts]  # only the lengths matter
         multiple = self.forward.rows_multiple

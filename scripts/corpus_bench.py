@@ -75,7 +75,7 @@ def model_path(name: str) -> str:
 
         tiny = name.endswith("-tiny")
         return str(build_random(name.removesuffix("-tiny"), 128, tiny=tiny))
-    from minisbert import hub
+    from minisbert.io import hub
 
     return str(hub.resolve(name))  # a folder, which sentence-transformers loads too
 
@@ -92,16 +92,17 @@ def cpu_name() -> str:
 
 def run_system(system: str, src: Path, out: Path, model: str, batch_size: int, rows_per_part: int) -> float:
     """Seconds for one whole job of ``system``."""
-    from minisbert import corpus, ray_data
+    from minisbert import corpus
+    from minisbert.corpus import ray_engine
 
     shutil.rmtree(out, ignore_errors=True)
-    settings = corpus.Settings(model, rows_per_part=rows_per_part)
+    settings = corpus.CorpusSettings(model, rows_per_part=rows_per_part)
     t = time.perf_counter()
     if system in ("local-1", "local-2"):
         corpus.embed_corpus([str(src)], str(out), settings, batch_size=batch_size,
                             workers=1 if system == "local-1" else 2, show_progress=False)
     elif system == "ray-2":
-        ray_data.embed_corpus([str(src)], str(out), settings, batch_size=batch_size, workers=2, threads=1,
+        ray_engine.embed_corpus([str(src)], str(out), settings, batch_size=batch_size, workers=2, threads=1,
                               show_progress=False)
     else:
         import pyarrow as pa
@@ -176,7 +177,7 @@ def memory(args) -> dict:
         src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sentences(rows)),
                        encoding="utf-8")
         code = ("import resource, sys, time; from minisbert import corpus; t = time.perf_counter(); "
-                f"corpus.embed_corpus([{str(src)!r}], {str(tmp / 'out')!r}, corpus.Settings({model!r}, "
+                f"corpus.embed_corpus([{str(src)!r}], {str(tmp / 'out')!r}, corpus.CorpusSettings({model!r}, "
                 f"rows_per_part={args.rows_per_part}), batch_size={args.batch_size}, show_progress=False); "
                 "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')), "
                 "time.perf_counter() - t)")  # VmHWM: the child's own peak (ru_maxrss starts from the parent's)

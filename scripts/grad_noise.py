@@ -26,8 +26,9 @@ import test_train as T  # noqa: E402  (the test's checkpoints, recipes and sente
 import torch  # noqa: E402
 from conftest import make_checkpoint, single_thread  # noqa: E402
 
-from minisbert import SentenceEncoder, train  # noqa: E402
-from minisbert.cpu import cpu_kind  # noqa: E402
+from minisbert import SentenceEncoder  # noqa: E402
+from minisbert.fast.cpu import cpu_kind  # noqa: E402
+from minisbert.train import loop  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,13 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     for arch in T.ARCHS:
         path = make_checkpoint(root / arch, arch, config=T.NO_DROPOUT)
         for name, objective in (("mnr", T.MNR), ("cosine", T.COSINE)):
-            task = train.build_tasks(T.recipe(files, [objective]), random.Random(0))[0]
+            task = loop.build_tasks(T.recipe(files, [objective]), random.Random(0))[0]
             for b in range(args.batches):
                 batch = list(range(8 * b, 8 * b + 8))
                 with single_thread():
                     ours = SentenceEncoder.from_pretrained(path)
                     ours.model.train().requires_grad_(True)
-                    train.batch_loss(ours, task, batch).backward()
+                    loop.batch_loss(ours, task, batch).backward()
                     _, st = T.st_gradients(path, objective, task, batch)
                     _, truth = T.st_gradients(path, objective, task, batch, torch.float64)
                 names = T.hf_names(path, ours)

@@ -35,10 +35,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from conftest import shared_data  # noqa: E402  (tests/conftest.py: the one way to the shared data)
 
 from minisbert import train  # noqa: E402
-from minisbert.cpu import cpu_kind  # noqa: E402
-from minisbert.data import read_examples  # noqa: E402
 from minisbert.encoder import SentenceEncoder  # noqa: E402
-from minisbert.hub import resolve  # noqa: E402
+from minisbert.fast.cpu import cpu_kind  # noqa: E402
+from minisbert.io.hub import resolve  # noqa: E402
+from minisbert.train.data import read_examples  # noqa: E402
 
 
 def load_examples(loss: str):

@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from conftest import shared_data  # noqa: E402  (tests/conftest.py: the one way to the shared data)
 
-from minisbert.cpu import cpu_kind  # noqa: E402
+from minisbert.fast.cpu import cpu_kind  # noqa: E402
 from minisbert.sts import evaluate_sts, read_sts  # noqa: E402
 
 
@@ -73,8 +73,8 @@ def child(system: str, model: str, task: str, epochs: int, steps: int, seed: int
     import torch
 
     from minisbert import train
-    from minisbert.data import read_examples
-    from minisbert.hub import resolve
+    from minisbert.io.hub import resolve
+    from minisbert.train.data import read_examples
 
     files = data_files()
     test = read_sts(files["test"])

@@ -13,7 +13,7 @@ from conftest import corpus, make_checkpoint
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
 from minisbert.models.roberta import roberta_position_ids
-from minisbert.pooling import pool
+from minisbert.modules.pooling import pool
 
 # -- pure helpers --------------------------------------------------------------------------------
 
@@ -157,9 +157,9 @@ def test_missing_paths_and_offline_hub(tmp_path, monkeypatch):
 
 
 def test_manifest_short_names_resolve(monkeypatch, tmp_path):
-    from minisbert import hub
+    from minisbert.io import hub
 
-    names = set(hub.manifest())
+    names = set(hub.short_names())
     assert {"ko-sroberta-multitask", "klue-sroberta-base-continue-learning-by-mnr", "ko-sbert-nli",
             "kf-deberta-multitask"} <= names
     # A downloaded short name is found in weights/NAME without the hub.

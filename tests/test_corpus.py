@@ -1,4 +1,4 @@
-"""``embed-corpus``'s local engine (minisbert/corpus.py): every input format, embeddings equal to
+"""``embed-corpus``'s local engine (minisbert/corpus/): every input format, embeddings equal to
 ``encode``, ids, bad rows, quantized output, the manifest check, and resuming after a killed run."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import pytest
 import torch
 from conftest import REPO, corpus, make_checkpoint, single_thread
 
-from minisbert.corpus import MANIFEST, CorpusError, Settings, embed_corpus, plan, prepare_output
+from minisbert.corpus import embed_corpus
+from minisbert.corpus.job import MANIFEST, CorpusError, CorpusSettings, prepare_output
+from minisbert.corpus.readers import plan
 from minisbert.encoder import SentenceEncoder
 from minisbert.quantize import quantize_embeddings
 
@@ -82,7 +84,7 @@ def read_output(folder: Path, id_name: str = "id") -> tuple[list, np.ndarray]:
 def run(inputs, out, model, encoder, **kw) -> dict:
     engine = {k: kw.pop(k) for k in ("resume", "batch_size", "workers") if k in kw}
     with single_thread():
-        return embed_corpus([str(p) for p in inputs], str(out), Settings(str(model), **kw), encoder=encoder,
+        return embed_corpus([str(p) for p in inputs], str(out), CorpusSettings(str(model), **kw), encoder=encoder,
                             show_progress=False, **engine)
 
 
@@ -161,7 +163,7 @@ def test_several_inputs_positions_and_id_columns(tmp_path, model, encoder):
     run([src], tmp_path / "keys", model, encoder, id_column="id")
     assert read_output(tmp_path / "keys")[0] == [f"doc-{i}" for i in range(40)]
     with pytest.raises(CorpusError, match="different types across the inputs"):
-        plan([str(tmp_path / "ints.jsonl"), str(tmp_path / "keys.csv")], Settings("m", id_column="id"), "x")
+        plan([str(tmp_path / "ints.jsonl"), str(tmp_path / "keys.csv")], CorpusSettings("m", id_column="id"), "x")
 
 
 def write_bad_jsonl(path: Path) -> Path:
@@ -224,7 +226,7 @@ def test_quantized_output(precision, tmp_path, model, encoder):
 def test_resume_refuses_other_settings_or_inputs(tmp_path, model, encoder):
     src = write_input(tmp_path / "in.jsonl", texts_for("jsonl", 20))
     run([src], tmp_path / "out", model, encoder, rows_per_part=8)
-    settings = Settings(str(model), rows_per_part=8)
+    settings = CorpusSettings(str(model), rows_per_part=8)
     with pytest.raises(CorpusError, match="already holds a job.*--resume"):
         prepare_output(plan([str(src)], settings, str(tmp_path / "out")), resume=False)
     with pytest.raises(CorpusError, match="made with precision='float32', this run has precision='int8'"):
@@ -244,7 +246,7 @@ def test_resume_refuses_other_settings_or_inputs(tmp_path, model, encoder):
 def test_progress_bar_shows_rows_per_second(tmp_path, model, encoder, capsys):
     src = write_input(tmp_path / "in.txt", texts_for("txt", 40))
     with single_thread():
-        embed_corpus([str(src)], str(tmp_path / "out"), Settings(str(model), rows_per_part=10), encoder=encoder,
+        embed_corpus([str(src)], str(tmp_path / "out"), CorpusSettings(str(model), rows_per_part=10), encoder=encoder,
                      show_progress=True)
     err = capsys.readouterr().err
     assert "embed-corpus" in err and "40/40" in err and "row/s" in err

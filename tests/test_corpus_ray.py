@@ -1,4 +1,4 @@
-"""``embed-corpus --engine ray`` and ``minisbert.ray_data.Embedder`` on a local Ray instance of 2 CPUs,
+"""``embed-corpus --engine ray`` and ``minisbert.corpus.ray_engine.Embedder`` on a local Ray instance of 2 CPUs,
 started once for this file: the same files as the local engine, a killed actor, resuming, bad rows,
 the CLI joining the instance by address, and Embedder inside read_parquet -> map_batches -> write_parquet."""
 
@@ -18,11 +18,11 @@ import pytest
 from conftest import REPO, corpus, make_checkpoint, single_thread
 from test_corpus import read_output, run, texts_for, write_bad_jsonl, write_input
 
-from minisbert.corpus import MANIFEST, CorpusError, Settings
+from minisbert.corpus.job import MANIFEST, CorpusError, CorpusSettings
 from minisbert.encoder import SentenceEncoder
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'minisbert[ray]'")
-ray_data = pytest.importorskip("minisbert.ray_data")
+ray_engine = pytest.importorskip("minisbert.corpus.ray_engine")
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -52,7 +52,7 @@ def encoder(model) -> SentenceEncoder:
 
 def run_ray(inputs, out, model, **kw) -> dict:
     engine = {k: kw.pop(k) for k in ("resume", "batch_size", "workers") if k in kw}
-    return ray_data.embed_corpus([str(p) for p in inputs], str(out), Settings(str(model), **kw), threads=1,
+    return ray_engine.embed_corpus([str(p) for p in inputs], str(out), CorpusSettings(str(model), **kw), threads=1,
                                  show_progress=False, **{"workers": 2, **engine})
 
 
@@ -159,7 +159,7 @@ def test_embedder_in_your_own_pipeline(cluster, tmp_path, model, encoder):
     ds = ray.data.read_parquet(str(tmp_path / "in.parquet"))
     # One actor of one CPU (one file is one block): the read and write tasks need the other CPU, or
     # they would wait forever for actors that hold every CPU.
-    ds = ds.map_batches(ray_data.Embedder, fn_constructor_kwargs={"model": str(model), "threads": 1},
+    ds = ds.map_batches(ray_engine.Embedder, fn_constructor_kwargs={"model": str(model), "threads": 1},
                         batch_size=32, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
                         num_cpus=1)
     ds.write_parquet(str(tmp_path / "out"))
@@ -178,7 +178,7 @@ def test_embedder_batch_formats(model, encoder):
     """The callable itself (no Ray needed): Arrow tables and dicts of numpy arrays in, the same out."""
     texts = texts_for("jsonl", 40)
     with single_thread():
-        embedder = ray_data.Embedder(str(model), column="vec", threads=1)
+        embedder = ray_engine.Embedder(str(model), column="vec", threads=1)
         ref = encoder.encode(texts)
         table = embedder(pa.table({"text": texts, "n": list(range(40))}))
         batch = embedder({"text": np.array(texts, dtype=object), "n": np.arange(40)})
@@ -188,6 +188,6 @@ def test_embedder_batch_formats(model, encoder):
     with pytest.raises(CorpusError, match=r"'text' of a row in this batch \(its row 1\) is NoneType"):
         embedder(pa.table({"text": ["가", None]}))
     with pytest.raises(CorpusError, match="precision='int8' needs ranges"):
-        ray_data.Embedder(str(model), precision="int8")
-    quantized = ray_data.Embedder(str(model), precision="ubinary", threads=1)({"text": np.array(texts, dtype=object)})
+        ray_engine.Embedder(str(model), precision="int8")
+    quantized = ray_engine.Embedder(str(model), precision="ubinary", threads=1)({"text": np.array(texts, dtype=object)})
     assert quantized["embedding"].dtype == np.uint8 and quantized["embedding"].shape == (40, 8)

@@ -281,7 +281,7 @@ def test_checkpoint_names_with_heads_prefix_and_strictness(legacy, checkpoint):
     stray key is refused by name."""
     import transformers
 
-    from minisbert.checkpoint import map_state_dict
+    from minisbert.io.weights import map_state_dict
 
     cfg = dict(SEED_CONFIGS["deberta-v2"], **OPTIONS["everything"], vocab_size=100, legacy=legacy)
     mlm = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**cfg)).eval()

@@ -1,4 +1,4 @@
-"""The fast path (minisbert/fast.py) and the pooling kernels (minisbert/kernels.py) against the reference."""
+"""The fast path (minisbert/fast/) and the pooling kernels (minisbert/modules/kernels.py) against the reference."""
 
 from __future__ import annotations
 
@@ -15,7 +15,19 @@ import pytest
 import torch
 from conftest import REPO, corpus, load_script, make_checkpoint, st_model
 
-from minisbert import SentenceEncoder, fast, kernels
+from minisbert import SentenceEncoder
+from minisbert.fast import deberta_v2 as fast_deberta
+from minisbert.fast import heap
+from minisbert.fast import linear as fast_linear
+from minisbert.fast import packed as fast_packed
+from minisbert.fast.deberta_v2 import FastDebertaV2, diagonals, is_shift
+from minisbert.fast.heap import raise_mmap_threshold
+from minisbert.fast.int8 import onednn_int8_usable
+from minisbert.fast.linear import mkldnn_usable
+from minisbert.fast.packed import PackedBlock
+from minisbert.fast.packing import Packing, token_batches
+from minisbert.fast.runner import fast_forward
+from minisbert.modules import kernels
 
 TOL = 1e-5
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -103,7 +115,7 @@ def test_compiled_pooling_on_cpu():
 
 def test_packing_round_trip_hand_sized():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    layout = fast.Packing(mask)
+    layout = Packing(mask)
     x = torch.arange(1.0, 7.0).view(2, 3, 1)  # (B, T, 1)
     packed = layout.unpad([x])
     assert packed.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
@@ -114,7 +126,7 @@ def test_packing_round_trip_hand_sized():
 
 def test_packing_groups_of_different_lengths_hand_sized():
     masks = [torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[1, 0, 0, 0, 0]])]  # (2, 3) and (1, 5)
-    layout = fast.Packing(masks)
+    layout = Packing(masks)
     xs = [torch.arange(1.0, 7.0).view(2, 3, 1), torch.arange(10.0, 15.0).view(1, 5, 1)]
     packed = layout.unpad(xs)
     assert packed.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
@@ -127,7 +139,7 @@ def test_packing_groups_of_different_lengths_hand_sized():
 
 def test_packing_full_groups_are_views_hand_sized():
     masks = [torch.tensor([[1, 1], [1, 1]]), torch.tensor([[1, 1, 0]]), torch.tensor([[1, 1, 1]])]  # full, not, full
-    layout = fast.Packing(masks, rows_multiple=4)
+    layout = Packing(masks, rows_multiple=4)
     assert layout.full == [True, False, True] and (layout.n, layout.rows) == (9, 12)
     xs = [torch.arange(1.0, 5.0).view(2, 2, 1), torch.arange(10.0, 13.0).view(1, 3, 1),
           torch.arange(20.0, 23.0).view(1, 3, 1)]
@@ -142,13 +154,13 @@ def test_packing_filler_rows_hand_sized():
     """rows_multiple pads the packed layout once: filler rows copy the last group's first real token,
     ``pad`` ignores them, and the runner hands back only the N real rows."""
     masks = [torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[1, 0, 0, 0, 0]])]
-    layout = fast.Packing(masks, rows_multiple=4)
+    layout = Packing(masks, rows_multiple=4)
     assert (layout.n, layout.rows) == (6, 8)
     xs = [torch.arange(1.0, 7.0).view(2, 3, 1), torch.arange(10.0, 15.0).view(1, 5, 1)]
     packed = layout.unpad(xs)
     assert packed.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 10.0, 10.0]
     assert layout.pad(packed)[0].flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 1.0]
-    assert fast.Packing(masks, rows_multiple=3).rows == 6  # already a multiple: no filler
+    assert Packing(masks, rows_multiple=3).rows == 6  # already a multiple: no filler
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -191,12 +203,12 @@ def test_deberta_relative_gemm_widths(tiny_models, monkeypatch):
         widths.append(b.shape[-1])
         return matmul(a, b)
 
-    monkeypatch.setattr(fast.torch, "matmul", recording)
-    monkeypatch.setattr(fast.FastDebertaV2, "ROUND", 1)
+    monkeypatch.setattr(torch, "matmul", recording)
+    monkeypatch.setattr(FastDebertaV2, "ROUND", 1)
     exact = encoder.encode(texts)
     assert any(w % 16 for w in widths)  # odd widths 2T - 1 without the rounding
     widths.clear()
-    monkeypatch.setattr(fast.FastDebertaV2, "ROUND", 16)
+    monkeypatch.setattr(FastDebertaV2, "ROUND", 16)
     assert max_diff(encoder.encode(texts), exact) <= TOL
     assert widths and all(w % 16 == 0 for w in widths)  # these texts stay far from the table's end
 
@@ -206,18 +218,18 @@ def test_relative_shift_by_hand():
     from minisbert.models.deberta_v2 import relative_positions
 
     # kf-deberta: 256 log buckets (distances up to 131 keep their own row), table of 2 * 256 rows.
-    assert fast.is_shift(relative_positions(128, 256, 256, 512))
-    assert fast.is_shift(relative_positions(132, 256, 256, 512))
-    assert not fast.is_shift(relative_positions(133, 256, 256, 512))  # distances 131 and 132 share a bucket
-    assert not fast.is_shift(relative_positions(12, 4, -1, 512))  # no buckets, table of 8 rows: clamped
+    assert is_shift(relative_positions(128, 256, 256, 512))
+    assert is_shift(relative_positions(132, 256, 256, 512))
+    assert not is_shift(relative_positions(133, 256, 256, 512))  # distances 131 and 132 share a bucket
+    assert not is_shift(relative_positions(12, 4, -1, 512))  # no buckets, table of 8 rows: clamped
     # One text, T = 3, width 6 (rows hold distances 2, 1, 0, -1, -2, then an unread column):
     # [i, j] = row i's column 2 - i + j.
     scores = torch.arange(18.0).view(1, 3, 6)
-    view = fast.diagonals(scores, b=1, T=3)
+    view = diagonals(scores, b=1, T=3)
     assert view.tolist() == [[[[2.0, 3.0, 4.0], [7.0, 8.0, 9.0], [12.0, 13.0, 14.0]]]]
     assert view.data_ptr() == scores.data_ptr() + 2 * scores.element_size()  # a view, not a copy
     # Two texts: the second starts T * W elements later.
-    assert fast.diagonals(torch.arange(36.0).view(1, 6, 6), b=2, T=3)[0, 1, 0].tolist() == [20.0, 21.0, 22.0]
+    assert diagonals(torch.arange(36.0).view(1, 6, 6), b=2, T=3)[0, 1, 0].tolist() == [20.0, 21.0, 22.0]
 
 
 def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
@@ -227,19 +239,17 @@ def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
     texts = corpus(40)
-    monkeypatch.setattr(fast, "is_shift", lambda rp: False)
+    monkeypatch.setattr(fast_deberta, "is_shift", lambda rp: False)
     encoder._packed.forward._relative.clear()
     gathered = encoder.encode(texts)
     monkeypatch.undo()
     encoder._packed.forward._relative.clear()
     calls = []
-    diagonals = fast.diagonals
-
     def recording(scores, b, T):
         calls.append(T)
         return diagonals(scores, b, T)
 
-    monkeypatch.setattr(fast, "diagonals", recording)
+    monkeypatch.setattr(fast_deberta, "diagonals", recording)
     shifted = encoder.encode(texts)
     assert calls and max(calls) <= 128  # two per attention chunk: c2p and p2c
     assert max_diff(shifted, gathered) <= TOL
@@ -251,20 +261,20 @@ def test_ffn_row_chunks_equal_whole_batch(arch, tiny_models, monkeypatch):
     encoder = load(tiny_models, arch)
     runner_or_skip(encoder, arch)
     texts = corpus(40)
-    monkeypatch.setattr(fast.PackedBlock, "FFN_ROWS", 0)
+    monkeypatch.setattr(PackedBlock, "FFN_ROWS", 0)
     whole = encoder.encode(texts)
-    monkeypatch.setattr(fast.PackedBlock, "FFN_ROWS", 32)  # several chunks and a tail per batch
+    monkeypatch.setattr(PackedBlock, "FFN_ROWS", 32)  # several chunks and a tail per batch
     assert max_diff(encoder.encode(texts), whole) <= TOL
 
 
 def test_token_batches_hand_sized():
     ids = [[0] * n for n in (3, 10, 2, 10, 5, 1)]
     # Budget 2 * 10 = 20 real tokens: [10, 10], then 5 + 3 + 2 + 1.
-    assert fast.token_batches(ids, batch_size=2, max_seq_length=10) == [[1, 3], [4, 0, 2, 5]]
-    assert sorted(i for b in fast.token_batches(ids, 1, 4) for i in b) == list(range(6))  # every text once
+    assert token_batches(ids, batch_size=2, max_seq_length=10) == [[1, 3], [4, 0, 2, 5]]
+    assert sorted(i for b in token_batches(ids, 1, 4) for i in b) == list(range(6))  # every text once
     # Filled by real tokens, not by a (rows x longest) rectangle: 9 + 8 + 8 + 8 + 7 = 40 fits a budget of 40.
     ids = [[0] * n for n in (9, 8, 8, 8, 7, 5)]
-    assert fast.token_batches(ids, batch_size=4, max_seq_length=10) == [[0, 1, 2, 3, 4], [5]]
+    assert token_batches(ids, batch_size=4, max_seq_length=10) == [[0, 1, 2, 3, 4], [5]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,7 +309,7 @@ def runner_or_skip(encoder: SentenceEncoder, arch: str):
 
 @pytest.mark.parametrize("arch, backend", [(a, "aten") for a in ARCHS] + [("bert", "mkldnn"), ("deberta-v2", "mkldnn")])
 def test_fast_equals_reference(arch, backend, tiny_models, monkeypatch):
-    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+    if backend == "mkldnn" and not mkldnn_usable(torch.float32):
         pytest.skip("oneDNN linear is not available")
     monkeypatch.setenv("MINISBERT_LINEAR", backend)
     ours = load(tiny_models, arch, fast=True)
@@ -362,7 +372,7 @@ model name\t: something else
 
 
 def test_parse_cpuinfo_hand_sized():
-    from minisbert.cpu import CpuKind, parse_cpuinfo
+    from minisbert.fast.cpu import CpuKind, parse_cpuinfo
 
     name, family, model, flags = parse_cpuinfo(CPUINFO)
     assert (name, family, model) == ("Intel(R) Xeon(R) Processor", 6, 167)
@@ -379,14 +389,15 @@ def test_parse_cpuinfo_hand_sized():
 def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, monkeypatch, caplog):
     """AVX-512 without AVX512_BF16 or AMX-BF16 runs bf16 emulated: that warns too, not only a CPU where
     oneDNN refuses bf16."""
-    from minisbert.cpu import CpuKind
+    from minisbert.fast.cpu import CpuKind
 
-    if not fast.mkldnn_usable(torch.bfloat16):
+    if not mkldnn_usable(torch.bfloat16):
         pytest.skip("oneDNN refuses bf16 here (that case always warns)")
-    monkeypatch.setattr(fast, "cpu_kind", lambda: CpuKind("test CPU", 6, 85, "AVX512", flags))
+    for module in (fast_linear, fast_packed):  # native_half and the warning read the CPU kind
+        monkeypatch.setattr(module, "cpu_kind", lambda: CpuKind("test CPU", 6, 85, "AVX512", flags))
     model = load(tiny_models, "bert", dtype=torch.bfloat16).model
     with caplog.at_level(logging.WARNING, logger="minisbert"):
-        fast.fast_forward(model)
+        fast_forward(model)
     said = [r.message for r in caplog.records if "several times slower" in r.message]
     assert bool(said) == warns, said
     if warns:
@@ -396,7 +407,7 @@ def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, monkeypatch
 def test_inspect_says_what_bf16_means_on_this_cpu(tiny_models, monkeypatch, capsys):
     from minisbert import cli
     from minisbert import inspect as inspect_module
-    from minisbert.cpu import CpuKind
+    from minisbert.fast.cpu import CpuKind
 
     monkeypatch.setattr(inspect_module, "cpu_kind", lambda: CpuKind("AMD EPYC 7B13", 25, 1, "AVX2", ("avx2",)))
     assert cli.main(["inspect", "--model", str(tiny_models["bert"])]) == 0
@@ -433,7 +444,8 @@ def test_encode_after_fork_does_not_deadlock(tiny_models):
 
 HEAP_CHILD = r"""
 import ctypes, sys, torch
-from minisbert import fast
+
+from minisbert.fast.heap import raise_mmap_threshold
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -442,7 +454,7 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "primed":
-    fast.raise_mmap_threshold()
+    raise_mmap_threshold()
 before = libc.mallinfo2().hblkhd
 x = torch.ones(20 << 18)  # 20 MiB, the size of a base model's GEMM output
 print(libc.mallinfo2().hblkhd - before)  # bytes malloc mapped for it on its own (0: from the heap)
@@ -467,20 +479,20 @@ def test_primed_heap_serves_big_tensors_without_fresh_mappings():
 def test_fast_runner_on_cpu_primes_the_heap(tiny_models, monkeypatch):
     encoder = load(tiny_models, "bert")
     calls = []
-    monkeypatch.setattr(fast, "raise_mmap_threshold", lambda: calls.append(True))
-    fast.fast_forward(encoder.model)
+    monkeypatch.setattr(fast_packed, "raise_mmap_threshold", lambda: calls.append(True))
+    fast_forward(encoder.model)
     assert calls == [True]
 
 
 def test_heap_priming_once_and_off_by_env(monkeypatch):
-    monkeypatch.setattr(fast, "_HEAP_PRIMED", [])
+    monkeypatch.setattr(heap, "_HEAP_PRIMED", [])
     monkeypatch.setenv("MINISBERT_HEAP", "0")
-    fast.raise_mmap_threshold()
-    assert fast._HEAP_PRIMED == []
+    raise_mmap_threshold()
+    assert heap._HEAP_PRIMED == []
     monkeypatch.delenv("MINISBERT_HEAP")
-    fast.raise_mmap_threshold()
-    fast.raise_mmap_threshold()
-    assert fast._HEAP_PRIMED == [True]
+    raise_mmap_threshold()
+    raise_mmap_threshold()
+    assert heap._HEAP_PRIMED == [True]
 
 
 def test_respects_torch_threads(tiny_models):
@@ -625,11 +637,11 @@ def test_gpu_compiled_pooling_equals_reference(dtype):
 def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm(backend):
     """A text's packed rows give bitwise the same output alone (few rows) as inside a big batch (int8 too:
     integer sums are exact and every token has its own scale)."""
-    from minisbert.fast import Linear
+    from minisbert.fast.linear import Linear
 
-    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+    if backend == "mkldnn" and not mkldnn_usable(torch.float32):
         pytest.skip("oneDNN linear is not available")
-    if backend == "int8" and not fast.onednn_int8_usable():
+    if backend == "int8" and not onednn_int8_usable():
         pytest.skip("oneDNN's int8 linear is not available")
     torch.manual_seed(0)
     for n_in, n_out, act in ((768, 768, None), (3072, 768, None), (768, 3072, "gelu")):
@@ -644,9 +656,9 @@ def test_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm(backend):
 @pytest.mark.parametrize("backend", ["aten", "mkldnn", "int8"])
 def test_linear_add_is_the_residual_sum(backend):
     """``Linear.add`` (the residual fused into oneDNN's GEMM epilogue) is bitwise residual + linear."""
-    from minisbert.fast import Linear
+    from minisbert.fast.linear import Linear
 
-    if backend == "mkldnn" and not fast.mkldnn_usable(torch.float32):
+    if backend == "mkldnn" and not mkldnn_usable(torch.float32):
         pytest.skip("oneDNN linear is not available")
     torch.manual_seed(0)
     lin = Linear(torch.randn(96, 128), torch.randn(96), backend)

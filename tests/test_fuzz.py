@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from minisbert import SentenceEncoder
 from minisbert.errors import MinisbertError
 from minisbert.models import ARCHITECTURES
-from minisbert.tokenizer import clean_text
+from minisbert.text.tokenizer import clean_text
 
 ARCHS = ["bert", "roberta", pytest.param("deberta-v2", marks=pytest.mark.skipif(
     "deberta-v2" not in ARCHITECTURES, reason="deberta-v2 is not registered in minisbert.models"))]

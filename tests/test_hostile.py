@@ -28,9 +28,10 @@ from conftest import REPO, make_checkpoint, single_thread, st_model
 from safetensors.torch import load_file, save_file
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
-from minisbert import checkpoint as checkpoint_module
-from minisbert.folder import MODULE_TYPES
-from minisbert.tokenizer import REORDERABLE, WORD_CHARS, TextTokenizer, expand
+from minisbert.io import weights as checkpoint_module
+from minisbert.io.folder import MODULE_TYPES
+from minisbert.text.long_texts import REORDERABLE, WORD_CHARS, expand
+from minisbert.text.tokenizer import TextTokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -416,7 +417,7 @@ def test_hostile_bin_files_are_refused_before_anything_is_allocated(tmp_path):
         (tmp_path / f"{i}.bin").write_bytes(build())
         paths.append(tmp_path / f"{i}.bin")
     body = """
-from minisbert.checkpoint import convert_to_safetensors, read_state_dict
+from minisbert.io.weights import convert_to_safetensors, read_state_dict
 results = [attempt(lambda: convert_to_safetensors(path, path + ".safetensors")) for path in sys.argv[1:]]
 print(json.dumps({"results": results, "peak_mib": peak_mib()}))
 """

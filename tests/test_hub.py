@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import corpus, make_checkpoint
 
-from minisbert import ModelNotFoundError, SentenceEncoder, hub
+from minisbert import ModelNotFoundError, SentenceEncoder
+from minisbert.io import hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -21,8 +21,8 @@ from conftest import OWN_KOREAN, SEED_CONFIGS, corpus, korean_training_text, sin
 
 from minisbert import SentenceEncoder
 from minisbert.errors import MissingDependencyError, ModelNotFoundError
-from minisbert.folder import read_tokenizer_files
-from minisbert.kobert import KoBertTokenizer, preprocess_text, split_digit_comma
+from minisbert.io.folder import read_tokenizer_files
+from minisbert.text.kobert import KoBertTokenizer, preprocess_text, split_digit_comma
 
 spm = pytest.importorskip("sentencepiece")
 

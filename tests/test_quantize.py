@@ -11,7 +11,10 @@ import pytest
 import torch
 from conftest import corpus, make_checkpoint, require_shared_data
 
-from minisbert import SentenceEncoder, cli, fast
+from minisbert import SentenceEncoder, cli
+from minisbert.fast import linear as fast_linear
+from minisbert.fast.int8 import hadamard, onednn_int8_usable, quantize_rows, rotate
+from minisbert.fast.linear import Linear, mkldnn_usable
 
 ARCHS = ["bert", "roberta", "deberta-v2"]
 TOL = 1e-5
@@ -22,7 +25,7 @@ def cosines(a, b) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-needs_int8 = pytest.mark.skipif(not fast.onednn_int8_usable(), reason="oneDNN's int8 linear does not run here")
+needs_int8 = pytest.mark.skipif(not onednn_int8_usable(), reason="oneDNN's int8 linear does not run here")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,22 +36,22 @@ def test_quantize_rows_hand_sized():
     x = torch.tensor([[127.0, -3.5, 2.5, 0.4],  # max 127: scale 1, q = round(x), ties to even
                       [254.0, -3.0, 1.0, 0.0],  # max 254: scale 2
                       [0.0, 0.0, 0.0, 0.0]])  # all zero: q = 0 with a finite scale
-    q, s = fast.quantize_rows(x)
+    q, s = quantize_rows(x)
     assert q.dtype == torch.int8 and s.shape == (3, 1)
     assert q.tolist() == [[127, -4, 2, 0], [127, -2, 0, 0], [0, 0, 0, 0]]
     assert s[:2, 0].tolist() == [1.0, 2.0] and 0 < s[2, 0] < 1e-30
 
 
 def test_hadamard_is_orthonormal_and_rotates_blocks():
-    h = fast.hadamard(4)
+    h = hadamard(4)
     assert torch.equal(h * 2, torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]))
     assert torch.allclose(h @ h.T, torch.eye(4), atol=1e-7)
     x = torch.arange(16.0).view(2, 8)
-    assert torch.allclose(fast.rotate(x, h), x @ torch.block_diag(h, h))
+    assert torch.allclose(rotate(x, h), x @ torch.block_diag(h, h))
     # One outlier spreads over its block: max |x| / RMS falls from sqrt(64) = 8 to 1.
     spike = torch.zeros(1, 64)
     spike[0, 5] = 8.0
-    turned = fast.rotate(spike, fast.hadamard(64))
+    turned = rotate(spike, hadamard(64))
     assert torch.allclose(turned.abs(), torch.ones(1, 64))
 
 
@@ -59,21 +62,21 @@ def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed, monkey
     """y = (q_x s_x)(q_w s_w)^T + b: the integer products exact, one scale per token and per output
     channel, the block rotation applied to both sides; through oneDNN and through torch._int_mm, the
     rotation through oneDNN's prepacked GEMM and through ``x @ h``."""
-    if onednn and not fast.onednn_int8_usable():
+    if onednn and not onednn_int8_usable():
         pytest.skip("oneDNN's int8 linear does not run here")
-    if packed and not fast.mkldnn_usable():
+    if packed and not mkldnn_usable():
         pytest.skip("oneDNN's fp32 linear does not run here")
-    monkeypatch.setattr(fast, "onednn_int8_usable", lambda: onednn)
-    monkeypatch.setattr(fast, "mkldnn_usable", lambda dtype=torch.float32: packed)
+    monkeypatch.setattr(fast_linear, "onednn_int8_usable", lambda: onednn)
+    monkeypatch.setattr(fast_linear, "mkldnn_usable", lambda dtype=torch.float32: packed)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g)
     x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of Linear.ROWS
-    lin = fast.Linear(w, b, "int8", act=act, rotate_input=rotate_input)
+    lin = Linear(w, b, "int8", act=act, rotate_input=rotate_input)
     assert lin.onednn == onednn and (lin.rotation_packed is not None) == (packed and rotate_input)
-    h = fast.hadamard(64)
-    turn = (lambda t: fast.rotate(t, h)) if rotate_input else (lambda t: t)
-    qx, sx = fast.quantize_rows(turn(x))
-    qw, sw = fast.quantize_rows(turn(w))
+    h = hadamard(64)
+    turn = (lambda t: rotate(t, h)) if rotate_input else (lambda t: t)
+    qx, sx = quantize_rows(turn(x))
+    qw, sw = quantize_rows(turn(w))
     want = (qx.double() @ qw.double().T) * sx.double() * sw.double().T + b.double()
     if act:
         want = torch.nn.functional.gelu(want)
@@ -120,7 +123,7 @@ def test_minilm_int8_cosine_to_fp32(minilm_path, monkeypatch):
     want = SentenceEncoder.from_pretrained(minilm_path).encode(texts)
     rotated = cosines(SentenceEncoder.from_pretrained(minilm_path, quantize="int8").encode(texts), want)
     assert rotated.min() >= 0.99, f"min cosine {rotated.min():.5f}"
-    monkeypatch.setattr(fast, "ROTATION", 1)  # blocks of one column: no rotation
+    monkeypatch.setattr(fast_linear, "ROTATION", 1)  # blocks of one column: no rotation
     plain = cosines(SentenceEncoder.from_pretrained(minilm_path, quantize="int8").encode(texts), want)
     assert 1 - rotated.min() < (1 - plain.min()) / 2, (rotated.min(), plain.min())
 

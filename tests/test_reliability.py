@@ -22,11 +22,12 @@ from conftest import REPO, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
 from minisbert import encoder as encoder_module
-from minisbert import fast as fast_module
 from minisbert import runner as runner_module
 from minisbert.errors import MinisbertError
+from minisbert.fast import runner as fast_module
 from minisbert.models import ARCHITECTURES
-from minisbert.tokenizer import clean_text, pad_ids, words_tokenized_alone
+from minisbert.text.long_texts import words_tokenized_alone
+from minisbert.text.tokenizer import clean_text, pad_ids
 
 # DeBERTa-v2 joins every architecture-parametrized test once it is registered.
 ARCHS = ["bert", "roberta", pytest.param("deberta-v2", marks=pytest.mark.skipif(

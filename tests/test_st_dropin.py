@@ -514,7 +514,7 @@ def test_layer_norm_and_weighted_layer_pooling_equal_sentence_transformers(tmp_p
     # From the hub, their weights are fetched with the transformer's.
     from test_hub import FakeHub
 
-    from minisbert import hub
+    from minisbert.io import hub
     fake = FakeHub(tmp_path / "out", tmp_path / "fetched")
     monkeypatch.setattr(hub, "snapshot_download", fake)
     assert max_diff(SentenceEncoder.from_pretrained("org/saved").encode(TEXTS), enc.encode(TEXTS)) == 0.0

@@ -1,4 +1,4 @@
-"""Training: ``minisbert.train.fit`` against sentence-transformers' ``SentenceTransformer.old_fit`` (the legacy
+"""Training: ``minisbert.train.loop`` against sentence-transformers' ``SentenceTransformer.old_fit`` (the legacy
 fit that trained the seed models), step for step, on tiny BERT, RoBERTa and DeBERTa-v2 checkpoints; the
 losses against sentence-transformers' loss classes; recipes, data readers and samplers.
 
@@ -24,11 +24,12 @@ import torch
 from conftest import REPO, corpus, make_checkpoint, require_shared_data, single_thread
 
 from minisbert import train
-from minisbert.checkpoint import map_state_dict, read_state_dict
-from minisbert.cpu import cpu_kind
-from minisbert.data import DataError, Examples, Sampler, read_examples
 from minisbert.encoder import SentenceEncoder
-from minisbert.losses import cosine_similarity_loss, get_loss, multiple_negatives_ranking_loss
+from minisbert.fast.cpu import cpu_kind
+from minisbert.io.weights import map_state_dict, read_state_dict
+from minisbert.train import loop
+from minisbert.train.data import DataError, Examples, Sampler, read_examples
+from minisbert.train.losses import cosine_similarity_loss, get_loss, multiple_negatives_ranking_loss
 
 ARCHS = ["bert", "roberta", "deberta-v2"]
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -366,7 +367,7 @@ def test_schedules_equal_old_fit(name):
                           use_amp=False, save_best_model=True)
     ours_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     st_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    ours, theirs = train.schedule(ours_opt, fit, 30), SentenceTransformer._get_scheduler(st_opt, name, 7, 30)
+    ours, theirs = loop.schedule(ours_opt, fit, 30), SentenceTransformer._get_scheduler(st_opt, name, 7, 30)
     for _ in range(34):  # past the end too
         assert ours.get_last_lr() == theirs.get_last_lr()
         ours_opt.step(), st_opt.step(), ours.step(), theirs.step()
@@ -382,7 +383,7 @@ def test_weight_decay_groups_equal_old_fit(checkpoints):
         names = hf_names(path, ours)
         modules = dict(ours.model.named_modules())
         plain = {names[n] for n, _ in ours.model.named_parameters()
-                 if train.no_decay(n.rsplit(".", 1)[1], modules[n.rsplit(".", 1)[0]])}
+                 if loop.no_decay(n.rsplit(".", 1)[1], modules[n.rsplit(".", 1)[0]])}
         st = SentenceTransformer(str(path), device="cpu")
         no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
         theirs = {n.removeprefix("0.model.") for n, _ in st.named_parameters() if any(nd in n for nd in no_decay)}
@@ -451,12 +452,12 @@ def test_first_step_loss_and_gradients(checkpoints, files, arch, objective):
     (softmax ignores a constant per query row): both sides hold rounding noise, held to 1e-5 of the
     query bias's gradient (DeBERTa's key bias also reaches p2c, where it counts, and is compared)."""
     path = checkpoints[arch]
-    task = train.build_tasks(recipe(files, [objective]), random.Random(0))[0]
+    task = loop.build_tasks(recipe(files, [objective]), random.Random(0))[0]
     batch = list(range(8))
     with single_thread():
         ours = SentenceEncoder.from_pretrained(path)
         ours.model.train().requires_grad_(True)
-        loss = train.batch_loss(ours, task, batch)
+        loss = loop.batch_loss(ours, task, batch)
         loss.backward()
         st_loss, st_grads = st_gradients(path, objective, task, batch)
         _, truth = st_gradients(path, objective, task, batch, torch.float64)
@@ -507,9 +508,9 @@ def test_dropout_noise_equals_transformers(noisy_checkpoints, arch):
     torch.manual_seed(0)
     with single_thread(), torch.no_grad():
         ours = SentenceEncoder.from_pretrained(path)
-        clean = train.embed(ours, texts)
+        clean = loop.embed(ours, texts)
         ours.model.train()
-        a = np.array([((train.embed(ours, texts) - clean) ** 2).mean().item() for _ in range(K)])
+        a = np.array([((loop.embed(ours, texts) - clean) ** 2).mean().item() for _ in range(K)])
         st = SentenceTransformer(str(path), device="cpu").eval()
         features = st.preprocess(texts)
         clean = st(dict(features))["sentence_embedding"]

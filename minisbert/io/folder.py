@@ -20,13 +20,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minisbert.dense import DenseConfig
 from minisbert.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModuleError
-from minisbert.files import TOKENIZER_LIMIT, read_json
-from minisbert.modules import LayerNormConfig, WeightedLayerPoolingConfig
-from minisbert.pooling import PoolingConfig
+from minisbert.io.files import TOKENIZER_LIMIT, read_json
+from minisbert.modules.dense import DenseConfig
+from minisbert.modules.layers import LayerNormConfig, WeightedLayerPoolingConfig
+from minisbert.modules.pooling import PoolingConfig
 
-# KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/kobert.py.
+# KoBertTransformer (ko_sentence_transformers): a BERT with a SentencePiece tokenizer, see minisbert/text/kobert.py.
 TRANSFORMER_TYPES = ("Transformer", "KoBertTransformer")
 HEAD_KINDS = ("Dense", "LayerNorm", "Normalize")  # the modules that may follow Pooling, in any order
 KINDS = TRANSFORMER_TYPES + ("WeightedLayerPooling", "Pooling") + HEAD_KINDS
@@ -95,7 +95,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class TokenizerFiles:
-    """What the tokenizer of the transformer module is built from (``minisbert.tokenizer`` / ``kobert``)."""
+    """What the tokenizer of the transformer module is built from (``text/tokenizer.py`` / ``text/kobert.py``)."""
     folder: Path
     config: dict  # tokenizer_config.json ({} when absent)
     special_tokens_map: dict  # special_tokens_map.json ({} when absent)

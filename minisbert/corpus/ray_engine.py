@@ -22,7 +22,7 @@ rows, ids, bad rows and files.
 reader, before any writer::
 
     import ray
-    from minisbert.ray_data import Embedder
+    from minisbert.corpus.ray_engine import Embedder
 
     ds = ray.data.read_parquet("docs/")                      # any column of texts, here "text"
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "jhgan/ko-sroberta-multitask"},
@@ -39,23 +39,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from minisbert.corpus import (
-    CorpusError,
-    Job,
-    Part,
-    Settings,
-    do_part,
-    embed_texts,
-    embedding_array,
-    finish,
-    load_encoder,
-    part_written,
-    plan,
-    prepare_output,
-    progress_bar,
-    pyarrow,
-    start,
-)
+from minisbert.corpus.job import CorpusError, CorpusSettings, Job, Part, finish, part_written, prepare_output, pyarrow
+from minisbert.corpus.local import progress_bar, start
+from minisbert.corpus.parts import do_part, embed_texts, embedding_array, load_encoder
+from minisbert.corpus.readers import plan
 from minisbert.errors import MissingDependencyError
 
 
@@ -82,7 +69,7 @@ class Embedder:
                  normalize: bool = False, precision: str = "float32", ranges=None, device: str = "cpu",
                  dtype: str = "float32", max_seq_length: int | None = None, revision: str | None = None,
                  threads: int | None = None):
-        settings = Settings(model, revision=revision, dtype=dtype, max_seq_length=max_seq_length,
+        settings = CorpusSettings(model, revision=revision, dtype=dtype, max_seq_length=max_seq_length,
                             precision=precision, normalize=normalize, text_column=text_column)
         if precision.endswith("int8") and ranges is None:
             raise CorpusError(f"precision={precision!r} needs ranges: a (2, dimension) array of each dimension's "
@@ -179,7 +166,8 @@ def run_ray(job: Job, batch_size: int = 32, workers: int = 1, device: str = "cpu
     return finish(job)
 
 
-def embed_corpus(inputs: list[str], output: str, settings: Settings, *, resume: bool = False, batch_size: int = 32,
+def embed_corpus(inputs: list[str], output: str, settings: CorpusSettings, *, resume: bool = False,
+                 batch_size: int = 32,
                  workers: int = 1, device: str = "cpu", threads: int | None = None, address: str | None = None,
                  show_progress: bool | None = None) -> dict:
     """``embed-corpus --engine ray`` from Python: as ``corpus.embed_corpus``, the parts run by ``run_ray``.

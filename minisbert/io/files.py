@@ -1,5 +1,5 @@
 """Every small file minisbert reads (JSON configs, tokenizer files, vocabularies) goes through here;
-weights files are checked here (``regular_file``) before ``minisbert.checkpoint`` opens them.
+weights files are checked here (``regular_file``) before ``io/weights.py`` opens them.
 
 A model folder is untrusted input: a "config" may be a FIFO that blocks ``open`` forever, a symlink
 to ``/dev/zero``, a sparse multi-GB file, or JSON nested deep enough to exhaust the parser's stack.

@@ -5,7 +5,7 @@ AVX2, AVX512, ...), whether bf16 has native instructions (AVX512_BF16 or AMX-BF1
 oneDNN emulates bf16 and it is several times slower than fp32), and which int8 dot products exist
 (AVX512_VNNI / AVX_VNNI, AMX-INT8). ``cpu_kind()`` reads them once: the flags from
 ``/proc/cpuinfo`` on Linux, torch's capability everywhere (elsewhere the flags are unknown and the
-advice falls back to the capability). ``fast.py`` warns from it, ``inspect`` and ``scripts/bench.py``
+advice falls back to the capability). the fast path warns from it, ``inspect`` and ``scripts/bench.py``
 print it.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minisbert.errors import MinisbertError
-from minisbert.files import read_text
+from minisbert.io.files import read_text
 
 # /proc/cpuinfo flag -> the name Intel's and AMD's manuals use, in the order shown.
 FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512_BF16", "avx512_vnni": "AVX512_VNNI",

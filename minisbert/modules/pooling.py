@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from minisbert.errors import ConfigError
-from minisbert.kernels import mean_pool
+from minisbert.modules.kernels import mean_pool
 
 # The legacy boolean keys, in the order sentence-transformers concatenates the modes.
 LEGACY_KEYS = {

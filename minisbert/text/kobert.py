@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from minisbert.errors import ConfigError, MissingDependencyError
-from minisbert.files import TOKENIZER_LIMIT, read_bytes, read_text
-from minisbert.folder import TokenizerFiles
-from minisbert.tokenizer import TextTokenizer, token_str
+from minisbert.io.files import TOKENIZER_LIMIT, read_bytes, read_text
+from minisbert.io.folder import TokenizerFiles
+from minisbert.text.tokenizer import TextTokenizer, token_str
 
 SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-start marker
 SPECIAL_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",

@@ -35,11 +35,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minisbert.dense import NAMES as DENSE_NAMES
-from minisbert.dense import Dense
-from minisbert.folder import KOBERT_SPM_FILE
-from minisbert.modules import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm
-from minisbert.pooling import LEGACY_KEYS
+from minisbert.io.folder import KOBERT_SPM_FILE
+from minisbert.modules.dense import NAMES as DENSE_NAMES
+from minisbert.modules.dense import Dense
+from minisbert.modules.layers import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm
+from minisbert.modules.pooling import LEGACY_KEYS
 
 # The module class paths written to modules.json: sentence-transformers resolves these in every
 # version (the ``sentence_transformers.models`` aliases survive the 6.x package reorganisation).

@@ -1,0 +1,151 @@
+"""The fast path's linear layers: one weight prepared once per backend.
+
+- ``mkldnn``: oneDNN with pre-packed weights (``torch.ops.mkldnn._linear_pointwise``, exact GELU
+  fused into the up-projection, the residual added in the GEMM's epilogue) on CPUs with AVX-512 or
+  AMX; ``aten``: ``F.linear`` (MKL sgemm) elsewhere, where it measured faster;
+  ``MINISBERT_LINEAR=aten|mkldnn`` overrides;
+- ``int8`` (opt-in, inexact): int8 weights and per-token int8 activations (``fast/int8.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from minisbert.fast.cpu import cpu_kind
+from minisbert.fast.int8 import ROTATION, hadamard, onednn_int8_usable, quantize_rows, rotate
+from minisbert.models.bert import ACTIVATIONS
+
+log = logging.getLogger("minisbert")
+
+
+def mkldnn_usable(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's prepacked linear runs for ``dtype`` on this CPU (bf16 needs AVX-512 or AMX)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype))
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype), w, None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` (bf16 or fp16) GEMMs run natively on this CPU. oneDNN refuses them without AVX-512
+    or AMX; with AVX-512 but without AVX512_BF16 or AMX-BF16 it runs bf16 emulated, several times slower
+    than fp32."""
+    if not mkldnn_usable(dtype):
+        return False
+    return dtype != torch.bfloat16 or cpu_kind().native_bf16 is not False
+
+
+def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``aten`` (F.linear) or ``mkldnn``; env ``MINISBERT_LINEAR`` overrides the measured default."""
+    choice = os.environ.get("MINISBERT_LINEAR", "").strip().lower()
+    if device.type != "cpu":
+        return "aten"
+    if choice in ("aten", "mkldnn"):
+        return choice if choice == "aten" or mkldnn_usable(dtype) else "aten"
+    # Measured (scripts/bench.py, README "Performance"): on AVX-512 CPUs oneDNN's prepacked fp32 linear
+    # runs at 200-225 GFLOP/s for BERT's shapes against 150-200 for MKL's sgemm behind F.linear (AMD
+    # EPYC with AVX-512, 2 cores), and bf16 at ~440. On an AVX2-only EPYC oneDNN was 10-20% slower than MKL
+    # and refuses bf16, so MKL there.
+    if torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) and mkldnn_usable(dtype):
+        return "mkldnn"
+    return "aten"
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, K) -> (rows, K) with zero rows appended (x itself when N == rows)."""
+    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
+
+
+class Linear:
+    """y = x W^T + b with the weight prepared once for the chosen backend; ``act`` is fused if it can be."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, act: str | None = None,
+                 rotate_input: bool = False):
+        self.backend = backend
+        self.act = act
+        self.bias = bias
+        if backend == "mkldnn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        elif backend == "int8":
+            # ``rotate_input``: each input turned by a block Hadamard rotation before it is quantized (see
+            # ROTATION), the weight's columns the same way once here. Blocks of 64 columns, fewer if K needs.
+            self.rotation = hadamard(math.gcd(weight.shape[1], ROTATION)) if rotate_input else None
+            if self.rotation is not None:
+                weight = rotate(weight, self.rotation)
+            q, scale = quantize_rows(weight)  # (out, in) int8, (out, 1): one scale per output channel
+            self.scale = scale.squeeze(1)  # (out,)
+            self.onednn = onednn_int8_usable()
+            # The rotation as oneDNN's prepacked fp32 GEMM on (N * K / 64, 64) rows where it runs: the same
+            # values as ``x @ h`` here, and BERT base's int8 encode 6% faster (median of 5 interleaved passes).
+            self.rotation_packed = torch.ops.mkldnn._reorder_linear_weight(self.rotation.t().contiguous()) \
+                if self.rotation is not None and mkldnn_usable() else None
+            if self.onednn:  # VNNI / AMX-INT8 kernels, weights pre-packed
+                self.weight = torch.ops.onednn.qlinear_prepack(q, None)
+                self.zero = torch.zeros_like(self.scale, dtype=torch.long)
+            else:
+                self.weight = q.t().contiguous()  # (in, out) for torch._int_mm
+        else:
+            self.weight = weight.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        N = x.shape[0]
+        if self.backend in ("mkldnn", "int8"):
+            # oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per
+            # batch's token count grew the process by 2.4 GB over 100k texts. Row counts are multiples
+            # of ROWS (the packed layout is padded once per forward, ``Packing(rows_multiple=...)``), which
+            # bounds the shapes and keeps every GEMM above 1 row, the one count oneDNN rounds differently.
+            run = self._int8 if self.backend == "int8" else self._onednn
+            if N % self.ROWS:
+                return run(pad_rows(x, -(-N // self.ROWS) * self.ROWS))[:N]
+            return run(x)
+        if N < 16:
+            # MKL picks other kernels (other rounding) for a few rows: 1-3, 5-7 and 9-11 rows differ from
+            # the same rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX.
+            # Zero rows up to 16 keep a text's embedding the same whatever else shares its batch.
+            return self(pad_rows(x, 16))[:N]
+        y = F.linear(x, self.weight, self.bias)
+        return ACTIVATIONS[self.act](y) if self.act else y
+
+    ROWS = 32
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + (x W^T + b), for a layer without activation. oneDNN adds the residual in the GEMM's
+        epilogue (a "sum" post-op: bitwise the same as the separate add, one pass over memory less)."""
+        if self.backend == "mkldnn" and not self.act and x.shape[0] % self.ROWS == 0:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        return self(x).add_(residual)
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        rotated = self.rotation is not None
+        # Either way the rotation makes a new tensor, which quantize_rows then scales and rounds in place.
+        if rotated and self.rotation_packed is not None:
+            x = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.rotation.shape[0]), self.rotation_packed, None,
+                                                   "none", [], "").view(x.shape)
+        elif rotated:
+            x = rotate(x, self.rotation)
+        q, s = quantize_rows(x, overwrite=rotated)  # (N, K) int8, (N, 1): one scale per token
+        if self.onednn:
+            # int32 sums times the weight's per-channel scales, out in float32; then the token's scale and
+            # the bias in one pass (oneDNN's int8 linear takes one activation scale per tensor, not per row).
+            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.weight, self.scale, self.zero, None, 1.0, 0,
+                                                   torch.float32, "none", [], "")
+        else:
+            y = torch._int_mm(q, self.weight).float().mul_(self.scale)  # (N, out)
+        y = torch.addcmul(self.bias, y, s, out=y) if self.bias is not None else y.mul_(s)
+        return ACTIVATIONS[self.act](y) if self.act else y
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "gelu":
+            # oneDNN's gelu_erf post-op: exact GELU, the same function as F.gelu's default.
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "none")
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return ACTIVATIONS[self.act](y) if self.act else y
