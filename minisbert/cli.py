@@ -17,32 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from minisbert import __version__, corpus, inspect, sts, train
+from minisbert.checks import DTYPES, QUANTIZE, check_device, check_quantize, command_line_int, parse_dtype
 from minisbert.corpus import job as corpus_job
 from minisbert.corpus import ray_engine
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
-from minisbert.fast.int8 import QUANTIZE, check_quantize
 from minisbert.io import hub
 from minisbert.io.weights import convert_to_safetensors
-from minisbert.loading import check_device, parse_dtype
 from minisbert.quantize import PRECISIONS
 from minisbert.text.tokenizer import clean_text
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def token_count(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2 ([CLS] and [SEP] count), got {text}")
-    return value
+positive_int = command_line_int()
+token_count = command_line_int(2, " ([CLS] and [SEP] count)")
 
 
 def _add_encode(sub) -> None:
@@ -60,7 +46,7 @@ def _add_encode(sub) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--max-seq-length", type=token_count, help="tokens per text (default: the model's own)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights' dtype")
     p.add_argument("--quantize", choices=QUANTIZE,
                    help="run the linear layers in int8 on the CPU: faster, inexact (cosine to float32 >= 0.99; "
                         "docs/performance.md)")
@@ -211,7 +197,7 @@ def _add_embed_corpus(sub) -> None:
                         "stopping at the first")
     p.add_argument("--rows-per-part", type=positive_int, default=4096, help="rows per output file")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda (ray: one GPU per actor)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights' dtype")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")

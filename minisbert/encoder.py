@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import operator
 import os
 import sys
 
@@ -22,13 +21,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minisbert import workers
-from minisbert.fast.int8 import check_quantize
+from minisbert.checks import check_device, check_quantize, parse_dtype, positive_int
 from minisbert.fast.packing import to_device
 from minisbert.fast.runner import PackedRunner, fast_forward
 from minisbert.io import hub
 from minisbert.io.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
 from minisbert.io.save import save as save_folder
-from minisbert.loading import Loaded, check_device, load, parse_dtype
+from minisbert.loading import Loaded, load
 from minisbert.models import ARCHITECTURES
 from minisbert.modules.layers import LayerPooled
 from minisbert.modules.pooling import pool as pool_states
@@ -587,16 +586,3 @@ class ModelCardData:
 def has_hooks(model: torch.nn.Module) -> bool:
     """Whether any forward hook or pre-hook is registered on the model's modules."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-def positive_int(value, name: str) -> int:
-    """``value`` as an int (numpy integers too) >= 1; a ValueError naming ``name`` otherwise."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value

@@ -23,3 +23,19 @@ class ModelNotFoundError(MinisbertError, OSError):
 
 class MissingDependencyError(MinisbertError, ImportError):
     """An optional package a model needs is not installed (e.g. sentencepiece for KoBERT)."""
+
+
+class DataFormatError(MinisbertError, ValueError):
+    """A data file (STS pairs, training examples) that cannot be read; the message starts with ``file:line``."""
+
+
+class DataNotFoundError(MinisbertError, FileNotFoundError):
+    """A data file that is neither on disk nor in the cache, and cannot be downloaded."""
+
+
+class RecipeError(MinisbertError, ValueError):
+    """A training recipe that cannot be used; the message names the file and the key."""
+
+
+class CorpusError(MinisbertError, ValueError):
+    """An input, output folder or setting that ``embed-corpus`` cannot work with; names the file."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from minisbert.checks import DTYPES, check_device, parse_dtype
 from minisbert.errors import CheckpointError, ConfigError
 from minisbert.io.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
 from minisbert.io.weights import check_safetensors_header, map_state_dict, read_state_dict
@@ -88,9 +89,6 @@ def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int,
                           f"({folder.transformer_dir / 'config.json'}): no embedding for it")
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def checkpoint_dtype(folder: ModelFolder) -> torch.dtype:
     """``dtype="auto"``: what the transformer's ``config.json`` names (``dtype``, or ``torch_dtype`` before
     transformers 5), else the weights file's floating dtype, else float32 (transformers' rule)."""
@@ -108,34 +106,6 @@ def checkpoint_dtype(folder: ModelFolder) -> torch.dtype:
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A floating dtype the models run in, given as a torch.dtype or its name; anything else a ValueError."""
-    if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        return DTYPES[dtype.removeprefix("torch.")]
-    if dtype not in DTYPES.values() and dtype != torch.float64:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (or torch.float64)")
-    return dtype
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device that this machine has; a one-line ValueError otherwise."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ({e})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device={str(device)!r}: CUDA is not available ({why}); use device='cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
-        raise ValueError(f"device={str(device)!r} is not available in this torch build")
-    return device
 
 
 def architecture(folder: ModelFolder):

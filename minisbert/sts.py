@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minisbert.checks import command_line_int
 from minisbert.encoder import SentenceEncoder
-from minisbert.errors import MinisbertError
+from minisbert.errors import DataFormatError, DataNotFoundError, MinisbertError
 from minisbert.io.hub import short_names
 
 METRICS = ["cosine_pearson", "cosine_spearman", "euclidean_pearson", "euclidean_spearman",
@@ -52,15 +53,6 @@ DATASETS = {
                       "klue-sts-v1.1/klue-sts-v1.1_dev.json")),
 }
 _TRUE = {"1", "true", "yes", "on"}  # the values huggingface_hub accepts for HF_HUB_OFFLINE
-
-
-class DataFormatError(MinisbertError, ValueError):
-    """An STS data file that cannot be read; the message starts with ``file:line``."""
-
-
-class DataNotFoundError(MinisbertError, FileNotFoundError):
-    """An STS data file that is neither on disk nor in the cache, and cannot be downloaded."""
-
 
 @dataclass
 class StsData:
@@ -328,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KorSTS .tsv, KLUE-STS .json, or .csv/.tsv/.jsonl with sentence1, sentence2, score; "
                              f"or one of {', '.join(DATASETS)} (downloaded once into $MINISBERT_DATA, "
                              "default ~/.cache/minisbert/data)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+    parser.add_argument("--batch-size", type=command_line_int(), default=32, metavar="N",
                         help="sentences per forward (32)")
     parser.add_argument("--device", default="cpu", help="torch device for the encoder (cpu)")
     parser.add_argument("--json", action="store_true",
@@ -393,12 +385,6 @@ def card_figures(model: str) -> tuple[str, dict] | None:
         if asked & {entry.get("name"), hub_id, hub_id.rsplit("/", 1)[-1]}:
             return hub_id or str(entry.get("name")), entry["card_korsts"]
     return None
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def _card_cell(value: object) -> str:

@@ -279,7 +279,7 @@ def test_cli_errors_are_one_line_on_stderr(tmp_path):
     assert result.returncode != 0 and result.stdout == ""
     assert f"{bad}:2: expected 7 fields" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("--model", str(tmp_path), "--data", str(bad), "--batch-size", "0")
-    assert result.returncode == 2 and "expected a positive integer, got '0'" in result.stderr
+    assert result.returncode == 2 and "must be a positive integer, got '0'" in result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ from conftest import REPO, corpus, make_checkpoint, require_shared_data, single_
 
 from minisbert import train
 from minisbert.encoder import SentenceEncoder
+from minisbert.errors import DataFormatError
 from minisbert.fast.cpu import cpu_kind
 from minisbert.io.weights import map_state_dict, read_state_dict
 from minisbert.train import loop
-from minisbert.train.data import DataError, Examples, Sampler, read_examples
+from minisbert.train.data import Examples, Sampler, read_examples
 from minisbert.train.losses import cosine_similarity_loss, get_loss, multiple_negatives_ranking_loss
 
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -178,10 +179,10 @@ def test_plain_tsv_readers(tmp_path):
     assert triplets.texts == [("a", "b", "c"), ("d", "e", "f")] and triplets.scores is None
     scored = read_examples([tmp_path / "s.tsv"], "scored-pairs", random.Random(0))
     assert scored.texts == [('a "quoted', "b")] and scored.scores == [0.25]
-    with pytest.raises(DataError, match=r"t.tsv:1: 3 tab-separated fields, expected 2"):
+    with pytest.raises(DataFormatError, match=r"t.tsv:1: 3 tab-separated fields, expected 2"):
         read_examples([tmp_path / "t.tsv"], "pairs", random.Random(0))
     (tmp_path / "bad.tsv").write_text("a\tb\t5\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad.tsv:1: score '5' is not a number in \[0, 1\]"):
+    with pytest.raises(DataFormatError, match=r"bad.tsv:1: score '5' is not a number in \[0, 1\]"):
         read_examples([tmp_path / "bad.tsv"], "scored-pairs", random.Random(0))
 
 
@@ -242,7 +243,7 @@ def test_no_duplicates_sampler_equals_sentence_transformers():
     for batch in got:  # no text of one example in another example of its batch (one example may repeat itself)
         keys = [{t.strip().lower() for t in example} for example in batch]
         assert sum(map(len, keys)) == len(set().union(*keys))
-    with pytest.raises(DataError, match="without a text twice"):
+    with pytest.raises(DataFormatError, match="without a text twice"):
         next(iter(Sampler(Examples([("a", "b")] * 5), 2, "no_duplicates", random.Random(0))))
 
 
@@ -271,16 +272,16 @@ def test_recipe_errors_name_the_key(tmp_path):
             train.parse_recipe(raw, "r.json")
         return str(e.value)
 
-    assert "r.json: fit: unknown keys ['lr_typo']" in error(lr_typo=1)
-    assert "objectives[0]: unknown keys ['oops']" in error(oops=1)
+    assert "r.json: fit: unknown or unimplemented keys ['lr_typo']" in error(lr_typo=1)
+    assert "objectives[0]: unknown or unimplemented keys ['oops']" in error(oops=1)
     assert "objectives[0].format: 'pairs' gives 2 texts per example; CosineSimilarityLoss takes 2 texts and a " \
            "score" in error(format="pairs")
     assert "objectives[0].data: nowhere.tsv: no such file" in error(data="nowhere.tsv")
-    assert "objectives[0].batch_size: 0 must be an integer >= 1" in error(batch_size=0)
+    assert "objectives[0].batch_size=0 must be an integer >= 1" in error(batch_size=0)
     assert "fit.scheduler: 'Linear' is not one of" in error(scheduler="Linear")
     assert "fit.optimizer_class: 'SGD': only AdamW" in error(optimizer_class="SGD")
     assert "objectives[0].sampler: 'random' is not one of" in error(sampler="random")
-    assert "recipe: unknown keys ['model']" in error(model="x")
+    assert "recipe: unknown or unimplemented keys ['model']" in error(model="x")
 
 
 def test_shipped_recipes(tmp_path):
@@ -348,7 +349,7 @@ def test_loss_names_and_parameters():
     loss, params = get_loss("sentence_transformers.losses.MultipleNegativesRankingLoss.MultipleNegativesRankingLoss",
                             {"scale": 20, "similarity_fct": "util.dot_score"})
     assert loss.fn is multiple_negatives_ranking_loss and params == {"scale": 20.0, "similarity_fct": "dot_score"}
-    with pytest.raises(ValueError, match="takes no loss_params .'margin'."):
+    with pytest.raises(ValueError, match="loss_params: unknown or unimplemented keys .'margin'."):
         get_loss("CosineSimilarityLoss", {"margin": 1})
     with pytest.raises(ValueError, match="not one of"):
         get_loss("TripletLoss", {})

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minisbert import __version__
-from minisbert.errors import MinisbertError, MissingDependencyError
+from minisbert.errors import CorpusError, MissingDependencyError
 from minisbert.quantize import PRECISIONS
 
 log = logging.getLogger("minisbert")
@@ -51,11 +51,6 @@ BAD_ROWS_KEY = b"minisbert.bad_rows"  # a part file's Parquet metadata: its skip
 # computes them from whatever it is given): taken from the embeddings of the first rows, stored in the
 # manifest, and every part quantizes with them.
 CALIBRATION_ROWS = 1024
-
-
-class CorpusError(MinisbertError, ValueError):
-    """An input, output folder or setting that ``embed-corpus`` cannot work with; names the file."""
-
 
 def pyarrow():
     """pyarrow (Parquet in and out), an optional dependency: ``pip install minisbert[corpus]``."""

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from minisbert.checks import parse_dtype
 from minisbert.corpus.job import BAD_ROWS_KEY, CorpusSettings, Job, Part, pyarrow
 from minisbert.corpus.readers import PartRows, read_part
 from minisbert.encoder import SentenceEncoder
-from minisbert.loading import parse_dtype
 from minisbert.quantize import quantize_embeddings
 
 log = logging.getLogger("minisbert")

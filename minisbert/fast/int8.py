@@ -15,21 +15,6 @@ import torch
 log = logging.getLogger("minisbert")
 
 
-QUANTIZE = ("int8",)
-
-
-def check_quantize(quantize: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
-    """``quantize`` if this model can run it, else a ValueError saying why: int8 runs on the CPU, in float32."""
-    if quantize is None:
-        return None
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZE} (or None: exact float)")
-    if device.type != "cpu" or dtype != torch.float32:
-        raise ValueError(f"quantize={quantize!r} runs on the CPU with dtype=torch.float32 (weights and "
-                         f"activations are quantized from fp32), not on {device} in {dtype}")
-    return quantize
-
-
 # int8 mode (opt-in, inexact): the block's linears on int8 weights and activations, as a backend of
 # ``Linear``. The integer GEMM is exact (int32 sums); the error is the rounding of weights (one scale per
 # output channel) and activations (one scale per token, so a text's rows never depend on its batch).

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisbert.checks import check_quantize
 from minisbert.fast.cpu import cpu_kind
 from minisbert.fast.heap import raise_mmap_threshold
-from minisbert.fast.int8 import check_quantize
 from minisbert.fast.linear import Linear, default_linear_backend, native_half
 from minisbert.fast.packing import Batch, Packing, to_device
 from minisbert.models.bert import padding_bias

@@ -15,11 +15,11 @@ and every file goes through ``minisbert.files`` (bounded, regular files only). T
 
 from __future__ import annotations
 
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minisbert.checks import integer
 from minisbert.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModuleError
 from minisbert.io.files import TOKENIZER_LIMIT, read_json
 from minisbert.modules.dense import DenseConfig
@@ -207,15 +207,7 @@ def read_folder(root: str | os.PathLike) -> ModelFolder:
 def check_length(value, what: str) -> int:
     """A token count (``max_seq_length``): an integer (numpy's too) in [2, 2**31); else a ValueError
     (a ConfigError when it comes from a file) naming ``what``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{what}={value!r} must be an integer >= 2") from None
-    if not 2 <= value < 2**31:
-        raise ConfigError(f"{what}={value!r} must be an integer >= 2")
-    return value
+    return integer(value, what, 2, 2**31 - 1, error=ConfigError)
 
 
 def read_modules(root: Path) -> list[Module] | None:

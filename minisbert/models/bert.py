@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisbert.checks import integer
 from minisbert.errors import ConfigError
 
 
@@ -109,9 +110,7 @@ def refuse_unsupported(hf: dict, allowed: dict[str, tuple]) -> None:
 
 def require_positive(cfg, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"config.json: {name}={value!r} must be a positive integer")
+        integer(getattr(cfg, name), name, where="config.json", error=ConfigError)
 
 
 # ---------------------------------------------------------------------------------------------------

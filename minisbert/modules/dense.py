@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisbert.checks import integer, unknown_keys
 from minisbert.errors import ConfigError
 
 
@@ -58,12 +59,9 @@ class DenseConfig:
             value = raw.pop(key, None)
             if value not in (None, "sentence_embedding"):
                 raise ConfigError(f"{path}: {key}={value!r}: only a Dense on the sentence embedding is implemented")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"{path}: Dense config key(s) {unknown} are not implemented")
+        unknown_keys(raw, cls.__dataclass_fields__, "Dense config", where=path)
         for key in ("in_features", "out_features"):
-            if not (type(raw.get(key)) is int and raw[key] >= 1):
-                raise ConfigError(f"{path}: {key}={raw.get(key)!r} must be a positive integer")
+            integer(raw.get(key), key, where=path, error=ConfigError)
         for key in ("bias", "use_residual"):
             if not isinstance(raw.get(key, False), bool):
                 raise ConfigError(f"{path}: {key}={raw[key]!r} must be true or false")

@@ -24,20 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisbert.checks import integer, unknown_keys
 from minisbert.errors import ConfigError
 
 
 def positive(raw: dict, key: str, path: str, minimum: int = 1) -> int:
-    value = raw.get(key)
-    if not (type(value) is int and value >= minimum):
-        raise ConfigError(f"{path}: {key}={value!r} must be an integer >= {minimum}")
-    return value
+    return integer(raw.get(key), key, minimum, where=path, error=ConfigError)
 
 
 def refuse_unknown(raw: dict, known: set[str], path: str, what: str) -> None:
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}: {what} config key(s) {unknown} are not implemented")
+    unknown_keys(raw, known, f"{what} config", where=path)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from minisbert.errors import DataFormatError, DataNotFoundError
 from minisbert.sts import read_sts
 
 
@@ -40,11 +41,6 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-class DataError(ValueError):
-    """A training file that cannot be read; the message starts with ``file:line`` where it can."""
-
 
 # ---------------------------------------------------------------------------------------------------
 # Readers
@@ -62,7 +58,8 @@ def read_kornli(paths: list[Path], rng: random.Random) -> Examples:
             try:
                 s1, s2, label = row["sentence1"].strip(), row["sentence2"].strip(), row["gold_label"]
             except (KeyError, AttributeError):
-                raise DataError(f"{path}:{line}: a KorNLI row needs sentence1, sentence2 and gold_label") from None
+                raise DataFormatError(f"{path}:{line}: a KorNLI row needs sentence1, sentence2 and "
+                                      f"gold_label") from None
             for a, b in ((s1, s2), (s2, s1)):  # each pair read both ways, as the NLI example does
                 partners.setdefault(a, {"contradiction": {}, "entailment": {}, "neutral": {}})
                 partners[a].setdefault(label, {})[b] = None
@@ -80,14 +77,14 @@ def read_plain(path: Path, fields: int, scored: bool) -> Examples:
     texts, scores = [], []
     for line, row in _tsv_rows(path, header=False):
         if len(row) != fields:
-            raise DataError(f"{path}:{line}: {len(row)} tab-separated fields, expected {fields}")
+            raise DataFormatError(f"{path}:{line}: {len(row)} tab-separated fields, expected {fields}")
         if scored:
             try:
                 score = float(row[-1])
             except ValueError:
                 score = math.nan
             if not 0 <= score <= 1:  # NaN fails too
-                raise DataError(f"{path}:{line}: score {row[-1]!r} is not a number in [0, 1]")
+                raise DataFormatError(f"{path}:{line}: score {row[-1]!r} is not a number in [0, 1]")
             scores.append(score)
             row = row[:-1]
         texts.append(tuple(row))
@@ -105,7 +102,7 @@ def _tsv_rows(path: Path, header: bool):
                 if row:
                     yield reader.line_num, dict(zip(names, row)) if header else row
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+        raise DataFormatError(f"{path}: not UTF-8 text") from None
 
 
 FORMATS = ("korsts", "kornli", "triplets", "pairs", "scored-pairs")
@@ -114,10 +111,10 @@ FORMATS = ("korsts", "kornli", "triplets", "pairs", "scored-pairs")
 def read_examples(paths: list[Path], fmt: str, rng: random.Random) -> Examples:
     """Read ``paths`` (one or more files, concatenated in order) in format ``fmt``."""
     if fmt not in FORMATS:
-        raise DataError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise DataFormatError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     for path in paths:
         if not Path(path).is_file():
-            raise DataError(f"{path}: no such file")
+            raise DataNotFoundError(f"{path}: no such file")
     if fmt == "kornli":
         return read_kornli(paths, rng)
     parts = [read_korsts(p) if fmt == "korsts" else
@@ -176,7 +173,7 @@ class Sampler:
                 else:
                     skipped += 1
                     if skipped > len(order):  # sentence-transformers would loop forever here
-                        raise DataError(f"cannot fill a batch of {self.batch_size} examples without a text twice")
+                        raise DataFormatError(f"cannot fill a batch of {self.batch_size} examples without a text twice")
                 pointer += 1
                 if pointer == len(order):
                     pointer = 0

@@ -49,10 +49,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minisbert.checks import check_device
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import ConfigError
 from minisbert.fast.cpu import cpu_kind
-from minisbert.loading import check_device
 from minisbert.modules.kernels import masked_mean
 from minisbert.modules.pooling import pool
 from minisbert.runner import padded_length

@@ -17,17 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-
-def cos_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, D), (M, D) -> (B, M) cosine similarities, as ``sentence_transformers.util.cos_sim``: both sides
-    L2-normalised (``F.normalize``, eps 1e-12), then one matrix product."""
-    return F.normalize(a, p=2, dim=-1) @ F.normalize(b, p=2, dim=-1).T
-
-
-def dot_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, D), (M, D) -> (B, M) dot products (``sentence_transformers.util.dot_score``)."""
-    return a @ b.T
-
+from minisbert.checks import unknown_keys
+from minisbert.search import cos_sim, dot_score  # sentence_transformers.util's, as the losses use them
 
 SIMILARITIES = {"cos_sim": cos_sim, "dot_score": dot_score}
 
@@ -78,9 +69,7 @@ def get_loss(name: str, params: dict) -> tuple[Loss, dict]:
     if short not in LOSSES:
         raise ValueError(f"loss {name!r} is not one of {', '.join(LOSSES)}")
     loss = LOSSES[short]
-    unknown = sorted(set(params) - set(loss.params))
-    if unknown:
-        raise ValueError(f"{short} takes no loss_params {unknown} (it takes {list(loss.params) or 'none'})")
+    unknown_keys(params, loss.params, f"{short}'s loss_params", error=ValueError)
     params = dict(params)
     if "scale" in params:
         scale = params["scale"]

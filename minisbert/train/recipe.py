@@ -14,13 +14,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from minisbert import checks
+from minisbert.checks import unknown_keys
+from minisbert.errors import RecipeError
 from minisbert.train.losses import get_loss
 
 log = logging.getLogger("minisbert")
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file and the key."""
-
 
 # The fit block: old_fit's parameters and defaults. The cards print the first ten.
 FIT_DEFAULTS = {
@@ -85,17 +84,13 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
     def check_keys(obj, allowed, key: str, required=()):
         if not isinstance(obj, dict):
             fail(key, f"must be a JSON object, got {type(obj).__name__}")
-        unknown = sorted(set(obj) - set(allowed))
-        if unknown:
-            fail(key, f"unknown keys {unknown} (allowed: {', '.join(allowed)})")
+        unknown_keys(obj, allowed, key, where=where, error=RecipeError)
         missing = [k for k in required if k not in obj]
         if missing:
             fail(key, f"missing keys {missing}")
 
     def integer(value, key: str, low: int = 1):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            fail(key, f"{value!r} must be an integer >= {low}")
-        return value
+        return checks.integer(value, key, low, where=where, error=RecipeError)
 
     def number(value, key: str, low: float = 0.0):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
