@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from minisbert import workers
 from minisbert.checks import check_device, check_quantize, parse_dtype, positive_int
-from minisbert.fast.packing import to_device
 from minisbert.fast.runner import PackedRunner, fast_forward
 from minisbert.io import hub
 from minisbert.io.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
@@ -32,7 +31,7 @@ from minisbert.models import ARCHITECTURES
 from minisbert.modules.layers import LayerPooled
 from minisbert.modules.pooling import pool as pool_states
 from minisbert.quantize import PRECISIONS, quantize_embeddings, to_numpy
-from minisbert.runner import ReferenceRunner, guard_forked_children
+from minisbert.runner import ReferenceRunner, guard_forked_children, to_device
 from minisbert.search import PAIRWISE, SIMILARITY
 from minisbert.text.tokenizer import check_texts, clean_text, pad_ids
 from minisbert.trace import trace as trace_sentences

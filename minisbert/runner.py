@@ -7,17 +7,18 @@ A runner has two methods, and ``SentenceEncoder`` calls nothing else of it:
   in the model's dtype, on its device.
 
 ``ReferenceRunner.embed`` also takes ``skip`` (pool without each text's first ``skip`` tokens: a
-prompt with ``include_prompt: false``); ``SentenceEncoder.runner_for`` picks the reference runner then.
+prompt with ``include_prompt: false``); the encoder runs the reference runner then.
 
 ``ReferenceRunner`` (here) runs the model files' own forward on padded batches and pools with
 ``pooling.pool``: the specification, and what runs when hooks are attached or ``fast=False``.
-``fast.PackedRunner`` runs the same math on the real tokens only. ``SentenceEncoder.runner`` is the
-one place that picks between them.
+``fast/runner.py``'s ``PackedRunner`` runs the same math on the real tokens only.
+``SentenceEncoder.runner`` is the one place that picks between them.
 
-Both pad each text to its own token count rounded up (``padded_length``), never to its batch's
-longest text, so a text's embedding cannot depend on its neighbours: the fused attention kernel's sums
-are grouped by the padded length (bert-base size: up to 4.8e-6 apart between batch sizes 1 and 64
-when padding to the longest), while rows of equal padded length compute the same bits in any batch.
+Both go through ``embed_padded``, as training does: each text is padded to its own token count
+rounded up (``padded_length``), never to its batch's longest text, so a text's embedding cannot
+depend on its neighbours: the fused attention kernel's sums are grouped by the padded length
+(bert-base size: up to 4.8e-6 apart between batch sizes 1 and 64 when padding to the longest),
+while rows of equal padded length compute the same bits in any batch.
 """
 
 from __future__ import annotations
@@ -61,6 +62,36 @@ def padded_length(n_tokens: int, max_tokens: int) -> int:
     return min(-(-n_tokens // PAD_MULTIPLE) * PAD_MULTIPLE, max(n_tokens, max_tokens))
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory, so the copy does not wait for the GPU."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+Padded = list[tuple[torch.Tensor, torch.Tensor]]  # groups of (b, T) input_ids and attention_mask, on the host
+
+
+def embed_padded(ids: list[list[int]], pad_id: int, max_tokens: int, run, split_full: bool = False) -> torch.Tensor:
+    """The one padded-embedding step: texts grouped by ``padded_length`` -> each group padded to that
+    length -> ``run(groups)`` -> (B, W) rows back in the order of ``ids``.
+
+    ``run`` takes the list of (b, T) ``input_ids``/``attention_mask`` groups (on the host) and returns
+    their pooled vectors group after group, (sum of b, W), on any device. ``split_full``: texts of exactly
+    their padded length form groups of their own (the packed path runs those without pads as views).
+    The reordering is a gather, so gradients flow through it (training runs this too)."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for b, row in enumerate(ids):
+        T = padded_length(len(row), max_tokens)
+        groups.setdefault((T, split_full and len(row) == T), []).append(b)
+    padded = [pad_ids([ids[b] for b in rows], pad_id, T) for (T, _), rows in groups.items()]
+    pooled = run(padded)  # (B, W), group after group
+    order = torch.tensor([b for rows in groups.values() for b in rows])
+    return pooled.index_select(0, to_device(torch.argsort(order), pooled.device))  # back to the order of ``ids``
+
+
 class ReferenceRunner:
     """The reference forward: texts padded in groups of equal ``padded_length``, one model call each."""
 
@@ -72,14 +103,14 @@ class ReferenceRunner:
         return [list(range(s, min(s + batch_size, len(ids)))) for s in range(0, len(ids), batch_size)]
 
     def embed(self, ids: list[list[int]], skip: int = 0) -> torch.Tensor:
-        p = next(self.model.parameters())
-        groups: dict[int, list[int]] = {}
-        for b, row in enumerate(ids):
-            groups.setdefault(padded_length(len(row), self.max_tokens), []).append(b)
-        pooled = torch.empty((len(ids), self.model.config.hidden_size * len(self.modes)), dtype=p.dtype,
-                             device=p.device)
-        for T, rows in groups.items():
-            input_ids, attention_mask = (t.to(p.device) for t in pad_ids([ids[b] for b in rows], self.pad_id, T))
-            states = self.model(input_ids, attention_mask)  # (b, T, C)
-            pooled[rows] = pool(states, attention_mask, self.modes, skip)  # (b, C * modes)
-        return pooled
+        device = next(self.model.parameters()).device
+
+        def run(groups: Padded) -> torch.Tensor:
+            pooled = []
+            for input_ids, attention_mask in groups:
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                states = self.model(input_ids, attention_mask)  # (b, T, C)
+                pooled.append(pool(states, attention_mask, self.modes, skip))  # (b, C * modes)
+            return torch.cat(pooled)
+
+        return embed_padded(ids, self.pad_id, self.max_tokens, run)

@@ -24,7 +24,6 @@ from minisbert import CheckpointError, ConfigError, ModelNotFoundError, Sentence
 from minisbert import encoder as encoder_module
 from minisbert import runner as runner_module
 from minisbert.errors import MinisbertError
-from minisbert.fast import runner as fast_module
 from minisbert.models import ARCHITECTURES
 from minisbert.text.long_texts import words_tokenized_alone
 from minisbert.text.tokenizer import clean_text, pad_ids
@@ -569,9 +568,9 @@ def test_encode_streams_batches(tiny, monkeypatch, fast):
     padded: list[tuple[int, int]] = []
     encode_ids = enc.tokenizer.encode_ids
     monkeypatch.setattr(enc.tokenizer, "encode_ids", lambda texts: tokenized.append(len(texts)) or encode_ids(texts))
-    for module in (runner_module, fast_module):  # both runners pad through tokenizer.pad_ids
-        monkeypatch.setattr(module, "pad_ids", lambda *a, **k: padded.append(tuple(pad_ids(*a, **k)[0].shape))
-                            or pad_ids(*a, **k))
+    # both runners pad through runner.embed_padded, which pads with tokenizer.pad_ids
+    monkeypatch.setattr(runner_module, "pad_ids", lambda *a, **k: padded.append(tuple(pad_ids(*a, **k)[0].shape))
+                        or pad_ids(*a, **k))
     texts = corpus(40) * 5
     assert enc.encode(texts, batch_size=16).shape == (200, enc.embedding_dim)
     assert sum(rows for rows, _ in padded) == 200 and max(rows * T for rows, T in padded) <= 16 * enc.max_seq_length

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisbert.fast.packed import FastEncoder
-from minisbert.fast.packing import Batch, Packing, to_device
+from minisbert.fast.packing import Batch, Packing
 from minisbert.models.bert import padding_bias
 from minisbert.models.deberta_v2 import RelativePositions, relative_positions
+from minisbert.runner import to_device
 
 log = logging.getLogger("minisbert")
 

@@ -28,10 +28,11 @@ from minisbert.checks import check_quantize
 from minisbert.fast.cpu import cpu_kind
 from minisbert.fast.heap import raise_mmap_threshold
 from minisbert.fast.linear import Linear, default_linear_backend, native_half
-from minisbert.fast.packing import Batch, Packing, to_device
+from minisbert.fast.packing import Batch, Packing
 from minisbert.models.bert import padding_bias
 from minisbert.modules import kernels
 from minisbert.modules.pooling import pool
+from minisbert.runner import to_device
 
 log = logging.getLogger("minisbert")
 

@@ -1,7 +1,7 @@
 """Where real tokens sit when pads are left out, and which texts share a batch.
 
 ``Packing`` maps right-padded groups to the packed (N, ...) layout and back; ``token_batches`` fills
-batches to a token budget, longest first; ``to_device`` sends host tensors without waiting for the GPU.
+batches to a token budget, longest first; host tensors reach the device through ``runner.to_device``.
 
 Shape legend: B batch, T tokens (padded), N real tokens.
 """
@@ -12,6 +12,8 @@ import logging
 import os
 
 import torch
+
+from minisbert.runner import to_device
 
 log = logging.getLogger("minisbert")
 
@@ -41,15 +43,6 @@ def token_batches(ids: list[list[int]], batch_size: int, max_seq_length: int) ->
     if current:
         batches.append(current)
     return batches
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to CUDA through pinned memory, so the copy does not wait for the GPU."""
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class Packing:

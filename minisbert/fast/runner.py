@@ -14,11 +14,10 @@ from torch import nn
 
 from minisbert.fast.deberta_v2 import FastDebertaV2
 from minisbert.fast.packed import FastBert, FastEncoder
-from minisbert.fast.packing import to_device, token_batches
+from minisbert.fast.packing import token_batches
 from minisbert.models.bert import BertModel
 from minisbert.models.deberta_v2 import DebertaV2Model
-from minisbert.runner import padded_length
-from minisbert.text.tokenizer import pad_ids
+from minisbert.runner import embed_padded
 
 log = logging.getLogger("minisbert")
 
@@ -52,12 +51,6 @@ class PackedRunner:
         return token_batches(ids, batch_size, max_seq_length)
 
     def embed(self, ids: list[list[int]]) -> torch.Tensor:
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for b, row in enumerate(ids):
-            T = padded_length(len(row), self.max_tokens)
-            groups.setdefault((T, len(row) == T), []).append(b)
         # Padded on the host: the packed layout is built there and sent once.
-        padded = [pad_ids([ids[b] for b in rows], self.pad_id, T) for (T, _), rows in groups.items()]
-        pooled = self.forward.pool(padded, self.modes)  # (B, C * modes), group after group
-        order = to_device(torch.tensor([b for rows in groups.values() for b in rows]), pooled.device)
-        return torch.empty_like(pooled).index_copy_(0, order, pooled)  # back to the order of ``ids``
+        return embed_padded(ids, self.pad_id, self.max_tokens, lambda groups: self.forward.pool(groups, self.modes),
+                            split_full=True)

@@ -55,9 +55,8 @@ from minisbert.errors import ConfigError
 from minisbert.fast.cpu import cpu_kind
 from minisbert.modules.kernels import masked_mean
 from minisbert.modules.pooling import pool
-from minisbert.runner import padded_length
+from minisbert.runner import embed_padded
 from minisbert.sts import METRICS, evaluate_sts, read_sts
-from minisbert.text.tokenizer import pad_ids
 from minisbert.train.data import Examples, Sampler, read_examples
 from minisbert.train.losses import get_loss
 from minisbert.train.recipe import FitParams, Recipe, RecipeError, read_recipe
@@ -138,30 +137,24 @@ def build_tasks(recipe: Recipe, rng: random.Random) -> list[Task]:
 # The training forward
 
 
-def length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped by ``padded_length`` (token counts rounded up to a multiple of 8), shortest first."""
-    groups: dict[int, list[int]] = {}
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        groups.setdefault(padded_length(lengths[i], max_tokens), []).append(i)
-    return list(groups.values())
-
-
 def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
     """Texts -> (n, D) float32 embeddings with gradients: tokenized as sentence-transformers does (no
-    prompt), through the model's reference forward in groups of similar length (each padded to its
-    longest text), pooled, then the folder's Dense modules and Normalize (``encoder.head``)."""
-    ids = encoder.tokenizer.encode_ids(texts)
-    groups = length_groups([len(row) for row in ids], encoder.max_tokens)
-    pooled = []
-    for rows in groups:
-        input_ids, mask = (t.to(encoder.device) for t in pad_ids([ids[i] for i in rows], encoder.tokenizer.pad_id))
-        states = encoder.model(input_ids, mask)  # (b, T, C)
-        # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
-        modes = encoder.pooling.modes
-        pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool(states, mask, modes))  # (b, C * modes)
-    order = torch.tensor([i for rows in groups for i in rows], device=encoder.device)
-    pooled = torch.cat(pooled)[torch.argsort(order)]  # back to the order of ``texts``
-    return encoder.head(pooled)
+    prompt), through the model's reference forward in groups of equal padded length
+    (``runner.embed_padded``, as inference), pooled, then the folder's Dense modules and Normalize
+    (``encoder.head``)."""
+    device, modes = encoder.device, encoder.pooling.modes
+
+    def run(groups):
+        pooled = []
+        for input_ids, mask in groups:
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            states = encoder.model(input_ids, mask)  # (b, T, C)
+            # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
+            pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool(states, mask, modes))
+        return torch.cat(pooled)  # (n, C * modes)
+
+    return encoder.head(embed_padded(encoder.tokenizer.encode_ids(texts), encoder.tokenizer.pad_id,
+                                     encoder.max_tokens, run))
 
 
 def batch_loss(encoder: SentenceEncoder, objective: Task, batch: list[int]) -> torch.Tensor:
