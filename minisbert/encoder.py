@@ -22,16 +22,18 @@ from tqdm.auto import tqdm
 
 from minisbert import workers
 from minisbert.checks import check_device, check_quantize, parse_dtype, positive_int
+from minisbert.errors import ConfigError
 from minisbert.fast.runner import PackedRunner, fast_forward
 from minisbert.io import hub
 from minisbert.io.folder import SIMILARITY_FUNCTIONS, ModelFolder, check_length, read_folder
 from minisbert.io.save import save as save_folder
 from minisbert.loading import Loaded, load
 from minisbert.models import ARCHITECTURES
+from minisbert.modules.kernels import masked_mean
 from minisbert.modules.layers import LayerPooled
 from minisbert.modules.pooling import pool as pool_states
 from minisbert.quantize import PRECISIONS, quantize_embeddings, to_numpy
-from minisbert.runner import ReferenceRunner, guard_forked_children, to_device
+from minisbert.runner import ReferenceRunner, embed_padded, guard_forked_children, to_device
 from minisbert.search import PAIRWISE, SIMILARITY
 from minisbert.text.tokenizer import check_texts, clean_text, pad_ids
 from minisbert.trace import trace as trace_sentences
@@ -160,7 +162,7 @@ class SentenceEncoder:
             check_quantize(self._quantize, probe.device, probe.dtype)
         for module in self.pipeline():
             module.to(*args, **kwargs)
-        self.fast = self.fast
+        self.rebuild_runner()
         return self
 
     def half(self) -> "SentenceEncoder":
@@ -265,9 +267,7 @@ class SentenceEncoder:
         if value is None:
             value = self._quantize is not None or \
                 os.environ.get("MINISBERT_FAST", "1").strip() not in ("0", "false", "no", "off")
-        # Built once per setting; the fused q/k/v (and int8) weights are copies, so set it again after
-        # editing weights. WeightedLayerPooling needs every layer's states, which only the reference
-        # forward records.
+        # WeightedLayerPooling needs every layer's states, which only the reference forward records.
         forward = fast_forward(self.model, quantize=self._quantize) if value and not self.layer_pooling_active else None
         if forward is None and self._quantize:
             why = "fast=False turns off" if not value else \
@@ -276,6 +276,12 @@ class SentenceEncoder:
             raise ValueError(f"quantize={self._quantize!r} runs on the fast path, which {why}")
         self._packed = None if forward is None else \
             PackedRunner(forward, self.tokenizer.pad_id, self.pooling.modes, self.max_tokens)
+
+    def rebuild_runner(self) -> None:
+        """Rebuild the packed path from the current weights. Its fused q/k/v (and int8) weights are
+        copies made once, so call this after editing weights in place (training does, through ``mode``);
+        ``to()`` and loading do it themselves."""
+        self.fast = self.fast
 
     @property
     def quantize(self) -> str | None:
@@ -519,6 +525,59 @@ class SentenceEncoder:
         if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
             kwargs["prompt_name"] = next((n for n in ("document", "passage", "corpus") if n in self.prompts), None)
         return self.encode(sentences, **kwargs)
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """What fine-tuning trains: the transformer and the Dense modules after Pooling. Any other module
+        with weights (LayerNorm, WeightedLayerPooling) is refused with a ConfigError naming it, since
+        ``embed_for_training`` would skip it or leave it untrained."""
+        kinds = [type(m).__name__ for m in self.pipeline()[1:]
+                 if m not in self.dense and next(m.parameters(), None) is not None]
+        if kinds:
+            raise ConfigError(f"{self.source}: training a model with {', '.join(kinds)} modules is not "
+                              f"implemented (fit trains the transformer and Dense modules)")
+        return [self.model, *self.dense]
+
+    @contextlib.contextmanager
+    def mode(self, train: bool):
+        """Within the block the trainable modules are in train mode with gradients on (``train=True``:
+        dropout as transformers places it), or in eval mode without gradients (``train=False``, e.g. to
+        evaluate or save during training; the packed path is rebuilt from the current weights first).
+        The modules' previous mode comes back after the block; leaving train mode rebuilds the packed
+        path from the trained weights."""
+        modules = self.trainable_modules()
+        before = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+        for m in modules:
+            m.train(train).requires_grad_(train)
+        if not train:
+            self.rebuild_runner()
+        try:
+            yield self
+        finally:
+            for m, training, grads in before:
+                m.train(training)
+                for p, grad in zip(m.parameters(), grads):
+                    p.requires_grad_(grad)
+            if train:
+                self.rebuild_runner()
+
+    def embed_for_training(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> (n, D) embeddings with gradients, as sentence-transformers' ``forward`` in training:
+        tokenized without a prompt, through the reference forward in groups of equal padded length
+        (``runner.embed_padded``), pooled, then the modules after Pooling (Dense, Normalize)."""
+        device, modes = self.device, self.pooling.modes
+
+        def run(groups):
+            pooled = []
+            for input_ids, mask in groups:
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                states = self.model(input_ids, mask)  # (b, T, C)
+                # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
+                pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool_states(states, mask, modes))
+            return torch.cat(pooled)  # (n, C * modes)
+
+        return self.head(embed_padded(self.tokenizer.encode_ids(texts), self.tokenizer.pad_id, self.max_tokens, run))
 
     # -- worker processes ----------------------------------------------------------------------------
 

@@ -509,9 +509,9 @@ def test_dropout_noise_equals_transformers(noisy_checkpoints, arch):
     torch.manual_seed(0)
     with single_thread(), torch.no_grad():
         ours = SentenceEncoder.from_pretrained(path)
-        clean = loop.embed(ours, texts)
-        ours.model.train()
-        a = np.array([((loop.embed(ours, texts) - clean) ** 2).mean().item() for _ in range(K)])
+        clean = ours.embed_for_training(texts)
+        with ours.mode(train=True):
+            a = np.array([((ours.embed_for_training(texts) - clean) ** 2).mean().item() for _ in range(K)])
         st = SentenceTransformer(str(path), device="cpu").eval()
         features = st.preprocess(texts)
         clean = st(dict(features))["sentence_embedding"]

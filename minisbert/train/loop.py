@@ -53,9 +53,6 @@ from minisbert.checks import check_device
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import ConfigError
 from minisbert.fast.cpu import cpu_kind
-from minisbert.modules.kernels import masked_mean
-from minisbert.modules.pooling import pool
-from minisbert.runner import embed_padded
 from minisbert.sts import METRICS, evaluate_sts, read_sts
 from minisbert.train.data import Examples, Sampler, read_examples
 from minisbert.train.losses import get_loss
@@ -137,30 +134,10 @@ def build_tasks(recipe: Recipe, rng: random.Random) -> list[Task]:
 # The training forward
 
 
-def embed(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
-    """Texts -> (n, D) float32 embeddings with gradients: tokenized as sentence-transformers does (no
-    prompt), through the model's reference forward in groups of equal padded length
-    (``runner.embed_padded``, as inference), pooled, then the folder's Dense modules and Normalize
-    (``encoder.head``)."""
-    device, modes = encoder.device, encoder.pooling.modes
-
-    def run(groups):
-        pooled = []
-        for input_ids, mask in groups:
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            states = encoder.model(input_ids, mask)  # (b, T, C)
-            # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
-            pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool(states, mask, modes))
-        return torch.cat(pooled)  # (n, C * modes)
-
-    return encoder.head(embed_padded(encoder.tokenizer.encode_ids(texts), encoder.tokenizer.pad_id,
-                                     encoder.max_tokens, run))
-
-
 def batch_loss(encoder: SentenceEncoder, objective: Task, batch: list[int]) -> torch.Tensor:
     """One objective's loss on one batch (example indices): all its columns embedded in one call."""
     columns = list(zip(*(objective.examples.texts[i] for i in batch)))  # K columns of B texts
-    embeddings = embed(encoder, [text for column in columns for text in column]).split(len(batch))
+    embeddings = encoder.embed_for_training([text for column in columns for text in column]).split(len(batch))
     labels = None
     if objective.examples.scores is not None:
         labels = torch.tensor([objective.examples.scores[i] for i in batch], dtype=torch.float32,
