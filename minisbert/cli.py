@@ -1,4 +1,5 @@
-"""``minisbert`` / ``python -m minisbert``: encode, embed-corpus, download, convert, eval-sts, inspect, train.
+"""The minisbert command (also ``python -m minisbert``): encode, embed-corpus, download, convert, eval-sts,
+inspect, train.
 
 Every argument is checked before a model loads (loading takes seconds), and every error is one line
 on stderr with exit status 2: the message names the file, flag or key at fault.
@@ -11,10 +12,10 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from minisbert import __version__, corpus, inspect, sts, train
 from minisbert.checks import DTYPES, QUANTIZE, check_device, check_quantize, command_line_int, parse_dtype
@@ -23,9 +24,25 @@ from minisbert.corpus import ray_engine
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
 from minisbert.io import hub
+from minisbert.io.files import write_atomically
 from minisbert.io.weights import convert_to_safetensors
 from minisbert.quantize import PRECISIONS
 from minisbert.text.tokenizer import clean_text
+
+DESCRIPTION = ("Sentence embeddings from BERT, RoBERTa and DeBERTa-v2 sentence-transformers models, equal to "
+               "sentence-transformers'. Run 'minisbert SUBCOMMAND -h' for a subcommand's flags.")
+# --output suffix (any case) -> what is written
+OUTPUT_FORMATS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, once: not for flags without one, nor where the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 positive_int = command_line_int()
 token_count = command_line_int(2, " ([CLS] and [SEP] count)")
@@ -33,7 +50,7 @@ token_count = command_line_int(2, " ([CLS] and [SEP] count)")
 
 def _add_encode(sub) -> None:
     p = sub.add_parser("encode", help="embed texts (arguments, --input file, or stdin, one per line)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("texts", nargs="*", help="texts to embed (default: read lines from --input or stdin)")
     p.add_argument("--model", required=True,
                    help="model folder, short name from weights/models.json (e.g. all-MiniLM-L6-v2), or hub id")
@@ -89,8 +106,18 @@ def check_arguments(texts: list[str], errors: str = "strict") -> list[str]:
     return texts
 
 
+def output_format(path: str) -> str:
+    """``npy`` or ``jsonl`` from the suffix of ``--output`` (any case); an unknown suffix is an error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"--output {path}: unknown format {suffix or '(no suffix)'!r}; name the file .npy for a "
+                         f"NumPy array, or .jsonl for JSON lines")
+    return OUTPUT_FORMATS[suffix]
+
+
 def check_output(path: str) -> None:
     """Refuse an output path that cannot be written, before any work is done."""
+    output_format(path)
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
@@ -99,20 +126,6 @@ def check_output(path: str) -> None:
         raise ValueError(f"--output {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--output {path}: the folder {folder} is not writable")
-
-
-def write_atomically(path: str, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, renamed over it only when complete: a failure
-    leaves an existing file as it was."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_encode(args) -> int:
@@ -127,34 +140,62 @@ def run_encode(args) -> int:
                                               quantize=args.quantize)
     if args.max_seq_length:
         encoder.max_seq_length = args.max_seq_length
+    warn_unknown_tokens(encoder, texts)
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize,
                          prompt_name=args.prompt_name, prompt=args.prompt, truncate_dim=args.truncate_dim)
+    if not texts:  # no input lines: a (0, D) array, as any other count of texts gives (N, D)
+        emb = np.zeros((0, encoder.get_sentence_embedding_dimension()), dtype=np.float32)
     lines = (json.dumps({"text": t, "embedding": [float(v) for v in e]}, ensure_ascii=False) + "\n"
              for t, e in zip(texts, emb))
-    if args.output and args.output.endswith(".npy"):
+    if args.output and output_format(args.output) == "npy":
         write_atomically(args.output, lambda f: np.save(f, emb))
+        if encoder.dtype == torch.bfloat16:
+            print("note: numpy has no bfloat16, so the .npy holds float32 (each bfloat16 value exactly)",
+                  file=sys.stderr)
     elif args.output:
         write_atomically(args.output, lambda f: f.writelines(line.encode("utf-8") for line in lines))
     else:
         sys.stdout.writelines(lines)
     if args.output:
-        print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {args.output}", file=sys.stderr)
+        n = emb.shape[0]
+        print(f"wrote {n} embedding{'' if n == 1 else 's'} of dimension {emb.shape[1]} to {args.output}",
+              file=sys.stderr)
     return 0
 
 
+def warn_unknown_tokens(encoder: SentenceEncoder, texts: list[str], sample: int = 64) -> None:
+    """Say so when most of the (first ``sample``) texts' word tokens are unknown to the model's vocabulary:
+    an English model given Korean text, say, embeds little more than [UNK]."""
+    unk = getattr(encoder.tokenizer, "unk_id", None)
+    ids = encoder.tokenizer.encode_ids(texts[:sample]) if unk is not None else []
+    words = [i for row in ids for i in row if i == unk or i not in encoder.tokenizer.special_ids]
+    if words and words.count(unk) > len(words) / 2:
+        print(f"warning: {words.count(unk)} of the {len(words)} word tokens of the first texts are unknown to "
+              f"this model's vocabulary ([UNK]): it was not trained on this language, and its embeddings will "
+              f"carry little meaning", file=sys.stderr)
+
+
 def _add_download(sub) -> None:
-    p = sub.add_parser("download", help="fetch a manifest model (or hub id) into weights/NAME/")
+    p = sub.add_parser("download", help="fetch a short-name model (or hub id) into the local store",
+                       formatter_class=HelpFormatter)
     p.add_argument("name", help="short name from weights/models.json, or a hub id")
     p.add_argument("--revision", help="hub revision (branch, tag or commit); default: the manifest's, else main")
 
 
 def run_download(args) -> int:
+    packaged = hub.installed_package_folder(args.name) if args.revision is None else None
+    if packaged is not None:  # nothing to download: a Python package ships this model
+        print(f"{args.name} comes with the installed Python package {packaged[0]}: nothing to download; use it by "
+              f"its short name", file=sys.stderr)
+        print(packaged[1])
+        return 0
     print(hub.download(args.name, revision=args.revision))
     return 0
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="write model.safetensors beside a legacy pytorch_model.bin (safe loader)")
+    p = sub.add_parser("convert", help="write model.safetensors beside a legacy pytorch_model.bin (safe loader)",
+                       formatter_class=HelpFormatter)
     p.add_argument("source", help="pytorch_model.bin, its shard index, or the folder holding it")
     p.add_argument("--output", help="target file (default: model.safetensors beside the source)")
 
@@ -172,7 +213,7 @@ def run_convert(args) -> int:
 def _add_embed_corpus(sub) -> None:
     p = sub.add_parser("embed-corpus", help="embed files of texts into Parquet parts: streaming, resumable, "
                        "local processes or a Ray cluster (docs/corpus.md)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="model folder, short name from weights/models.json, or hub id")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help="input files: .jsonl/.ndjson, .parquet, .csv, .tsv (no quoting), .txt (one text a line)")
@@ -221,8 +262,10 @@ def run_embed_corpus(args) -> int:
         done = ray_engine.embed_corpus(args.input, args.output, settings, threads=args.threads,
                                      address=args.ray_address, **common)
     skipped = f", {len(done['bad_rows'])} bad rows skipped (listed in the manifest)" if done["bad_rows"] else ""
-    print(f"wrote {done['rows_written']} embeddings of dimension {done['dimension']} in {len(done['parts'])} "
-          f"parts to {args.output}{skipped}", file=sys.stderr)
+    n, parts, now = done["rows_written"], len(done["parts"]), done["parts_embedded"]
+    redone = f" ({now} embedded by this run, {parts - now} already there)" if now < parts else ""
+    print(f"wrote {n} embedding{'' if n == 1 else 's'} of dimension {done['dimension']} in {parts} "
+          f"part{'' if parts == 1 else 's'}{redone} to {args.output}{skipped}", file=sys.stderr)
     return 0
 
 
@@ -234,17 +277,19 @@ COMMANDS = {
     "convert": (_add_convert, run_convert),
     "eval-sts": (lambda sub: sts.add_arguments(sub.add_parser(
         "eval-sts", help="score STS pairs (KorSTS, KLUE-STS, CSV/TSV/JSONL) like the model cards",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)), sts.run),
+        formatter_class=HelpFormatter)), sts.run),
     "inspect": (lambda sub: inspect.add_arguments(sub.add_parser(
-        "inspect", help="what is inside a checkpoint: config, parameters, key mapping")), inspect.run),
+        "inspect", help="what is inside a checkpoint: config, parameters, key mapping",
+        formatter_class=HelpFormatter)), inspect.run),
     "train": (lambda sub: train.add_arguments(sub.add_parser(
-        "train", help="fine-tune with a recipe (the seed cards' fit: MNR, CosineSimilarityLoss, multitask)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)), train.run),
+        "train", help="fine-tune with a recipe (sentence-transformers' fit: MultipleNegativesRankingLoss, "
+        "CosineSimilarityLoss, several objectives)",
+        formatter_class=HelpFormatter)), train.run),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minisbert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minisbert", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"minisbert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():

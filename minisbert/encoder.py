@@ -57,6 +57,7 @@ class SentenceEncoder:
         # The architecture by name (``arch`` looks the module up): a module object cannot be pickled.
         self.model_type = next(name for name, module in ARCHITECTURES.items() if module is loaded.arch)
         self.model = loaded.model
+        self.carried = loaded.carried  # checkpoint tensors minisbert does not run (the pooler); save() keeps them
         self.head_modules = loaded.head  # after Pooling, in order: Dense, LayerNorm, Normalize (nn.Modules)
         self.dense = loaded.dense  # the Dense modules among them
         self.layer_pooling = loaded.layer_pooling  # WeightedLayerPooling, or None

@@ -9,6 +9,7 @@ turns into inf, and every embedding into NaN). Nothing is ever left randomly ini
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from minisbert.checks import DTYPES, check_device, parse_dtype
 from minisbert.errors import CheckpointError, ConfigError
 from minisbert.io.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
-from minisbert.io.weights import check_safetensors_header, map_state_dict, read_state_dict
+from minisbert.io.weights import check_safetensors_header, detect_prefix, map_state_dict, read_state_dict
 from minisbert.models import ARCHITECTURES
 from minisbert.modules.dense import NAMES as DENSE_NAMES
 from minisbert.modules.dense import Dense
@@ -39,6 +40,9 @@ class Loaded:
     max_seq_length: int  # the folder's max_seq_length, capped at max_tokens
     head: list[nn.Module] = field(default_factory=list)  # after Pooling, in order: Dense, LayerNorm, Normalize
     layer_pooling: WeightedLayerPooling | None = None  # between the transformer and Pooling
+    # The checkpoint's tensors minisbert does not use but ``save`` writes back (``arch.CARRIED_KEYS``: the
+    # pooler), by their key without the prefix, on the CPU as read.
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> Loaded:
@@ -46,7 +50,7 @@ def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.d
     device = check_device(device)
     dtype = checkpoint_dtype(folder) if dtype == "auto" else parse_dtype(dtype)
     arch = architecture(folder)
-    model = load_transformer(arch, folder.config, folder.weights, device, dtype)
+    model, carried = load_transformer(arch, folder.config, folder.weights, device, dtype)
     limit = arch.max_tokens(model.config)
     if folder.transformer_type == "KoBertTransformer":
         tokenizer = KoBertTokenizer.from_files(folder.tokenizer, folder.do_lower_case)
@@ -70,7 +74,7 @@ def load(folder: ModelFolder, device: str | torch.device = "cpu", dtype: torch.d
     dense = [m for m in head if isinstance(m, Dense)]
     # Like sentence-transformers, never let the tokenizer produce more tokens than positions exist.
     return Loaded(arch, model, dense, tokenizer, limit, min(folder.max_seq_length or limit, limit), head,
-                  layer_pooling)
+                  layer_pooling, carried)
 
 
 def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int, folder: ModelFolder) -> None:
@@ -120,8 +124,9 @@ def architecture(folder: ModelFolder):
 
 
 def load_transformer(arch, hf_config: dict, weights: Path, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The architecture built from ``hf_config`` and filled from ``weights``."""
+                     dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The architecture built from ``hf_config`` and filled from ``weights``, and the tensors of the
+    checkpoint that ``save`` carries through (``arch.CARRIED_KEYS``)."""
     state = read_state_dict(weights)
     # Every layer has at least one tensor. Refusing more layers than the file has tensors before
     # building keeps a config asking for 10**9 layers from taking hours, even on the meta device.
@@ -138,7 +143,11 @@ def load_transformer(arch, hf_config: dict, weights: Path, device: str | torch.d
         # whose tensor would overflow int64) is still a bad config, not a crash.
         raise ConfigError(f"{weights.parent / 'config.json'}: invalid model config "
                           f"({type(e).__name__}: {e})") from None
-    return fill(model, arch, state, weights, device, dtype)
+    model = fill(model, arch, state, weights, device, dtype)
+    prefix = detect_prefix(state, arch)
+    carried = {k.removeprefix(prefix): v for k, v in state.items()
+               if any(re.fullmatch(p, k.removeprefix(prefix)) for p in arch.CARRIED_KEYS)}
+    return model, carried
 
 
 def load_dense(module: DenseModule, in_features: int, device: str | torch.device = "cpu",

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from minisbert.checks import command_line_int
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import DataFormatError, DataNotFoundError, MinisbertError
+from minisbert.io.files import write_atomically
 from minisbert.io.hub import short_names
 
 METRICS = ["cosine_pearson", "cosine_spearman", "euclidean_pearson", "euclidean_spearman",
@@ -102,15 +102,9 @@ def resolve_data(spec: str) -> Path:
 
 def _download(url: str, target: Path, timeout: float = 60.0) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted download never leaves a truncated "cached" file.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            out.write(response.read())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Written beside the target and renamed, so an interrupted download never leaves a truncated "cached" file.
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        write_atomically(target, lambda out: out.write(response.read()))
 
 
 # ---------------------------------------------------------------- reading it
@@ -321,10 +315,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"or one of {', '.join(DATASETS)} (downloaded once into $MINISBERT_DATA, "
                              "default ~/.cache/minisbert/data)")
     parser.add_argument("--batch-size", type=command_line_int(), default=32, metavar="N",
-                        help="sentences per forward (32)")
-    parser.add_argument("--device", default="cpu", help="torch device for the encoder (cpu)")
+                        help="sentences per forward")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoder")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object of fractions instead of the table (x100)")
+                        help="print one JSON object of fractions (0-1) instead of the table of figures x 100")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from minisbert import __version__
 from minisbert.errors import CorpusError, MissingDependencyError
+from minisbert.io.files import write_atomically
 from minisbert.quantize import PRECISIONS
 
 log = logging.getLogger("minisbert")
@@ -173,10 +174,8 @@ def embedding_type(job: Job) -> str:
 
 
 def write_manifest(job: Job, data: dict) -> None:
-    path = Path(job.output) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    write_atomically(Path(job.output) / MANIFEST, lambda f: f.write(text.encode("utf-8")))
 
 
 def prepare_output(job: Job, resume: bool) -> Job:
@@ -189,30 +188,42 @@ def prepare_output(job: Job, resume: bool) -> Job:
     if not os.access(out, os.W_OK):
         raise CorpusError(f"--output {out}: not writable")
     path = out / MANIFEST
+    written = sorted(p.name for p in out.glob("part-*.parquet"))
+    start_over = f"delete {out} to start over, or choose another --output"
     if not path.is_file():
-        if any(out.glob("part-*.parquet")):
-            raise CorpusError(f"--output {out}: holds part files but no {MANIFEST}; refused (use an empty folder)")
+        if written:
+            raise CorpusError(f"--output {out}: holds part files but no {MANIFEST} ({len(written)} parts of no "
+                              f"job this run can finish); {start_over}")
+        return job
+    for tmp in out.glob(".part-*.tmp"):  # a killed run's unfinished writes
+        tmp.unlink(missing_ok=True)
+    if not written:
+        # The job there finished no part (it stopped at a bad row, say): nothing to keep or to mix up with,
+        # so this run starts it again with its own settings, --resume or not.
+        log.warning("%s: the job there finished no part; starting it again with this run's settings", out)
+        path.unlink()
         return job
     if not resume:
-        raise CorpusError(f"--output {out}: already holds a job ({MANIFEST}); pass --resume to finish it, or "
-                          f"choose an empty folder")
+        raise CorpusError(f"--output {out}: already holds a job ({MANIFEST}, {len(written)} of {len(job.parts())} "
+                          f"part files written); pass --resume to finish it with the same settings and inputs, or "
+                          f"{start_over}")
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CorpusError(f"{path}: unreadable ({e})") from None
+        raise CorpusError(f"{path}: unreadable ({e}); {start_over}") from None
     new = manifest(job)
     for key, value in new["settings"].items():
         if old.get("settings", {}).get(key) != value:
             raise CorpusError(f"--resume: {out} was made with {key}={old.get('settings', {}).get(key)!r}, this run "
-                              f"has {key}={value!r}; refused (use the same settings or another folder)")
+                              f"has {key}={value!r}; resuming needs the settings its {len(written)} part files were "
+                              f"made with: pass those, or {start_over}")
     before = [{k: v for k, v in i.items() if k != "rows"} for i in old.get("inputs", [])]
     now = [s.identity() for s in job.sources]
     if before != now:
         changed = next((f"{a['path']} (size {a['size']}, mtime_ns {a['mtime_ns']})" for a, b in zip(before, now)
                         if a != b), f"{len(before)} input files then, {len(now)} now")
-        raise CorpusError(f"--resume: the inputs are not the ones {out} was made from: {changed}; refused")
-    for tmp in out.glob(".part-*.tmp"):  # a killed run's unfinished writes
-        tmp.unlink(missing_ok=True)
+        raise CorpusError(f"--resume: the inputs are not the ones {out} was made from: {changed}; its "
+                          f"{len(written)} part files hold embeddings of the old inputs: {start_over}")
     return replace(job, ranges=old.get("quantization_ranges"))
 
 

@@ -81,7 +81,7 @@ def run_local(job: Job, encoder: SentenceEncoder, batch_size: int = 32, workers:
                 bar.update(part.rows)
     finally:
         bar.close()
-    return finish(job)
+    return dict(finish(job), parts_embedded=len(todo))
 
 
 def run_workers(job: Job, todo: list[Part], workers: int, batch_size: int, device: str) -> Iterator[Part]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from minisbert.checks import parse_dtype
 from minisbert.corpus.job import BAD_ROWS_KEY, CorpusSettings, Job, Part, pyarrow
 from minisbert.corpus.readers import PartRows, read_part
 from minisbert.encoder import SentenceEncoder
+from minisbert.io.files import atomic_path
 from minisbert.quantize import quantize_embeddings
 
 log = logging.getLogger("minisbert")
@@ -57,15 +56,8 @@ def write_part(job: Job, part: Part, rows: PartRows, emb: np.ndarray) -> Path:
                       "embedding": embedding_array(emb)})
     table = table.replace_schema_metadata({BAD_ROWS_KEY: json.dumps(rows.bad, ensure_ascii=False).encode()})
     target = Path(job.output) / part.name
-    tmp = target.with_name(f".{part.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    try:
+    with atomic_path(target, fsync=True) as tmp:
         pa.parquet.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target
 
 

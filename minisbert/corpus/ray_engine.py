@@ -163,7 +163,7 @@ def run_ray(job: Job, batch_size: int = 32, workers: int = 1, device: str = "cpu
                 bar.update(int(row["rows"]) + int(row["bad"]))
     finally:
         bar.close()
-    return finish(job)
+    return dict(finish(job), parts_embedded=len(todo))
 
 
 def embed_corpus(inputs: list[str], output: str, settings: CorpusSettings, *, resume: bool = False,

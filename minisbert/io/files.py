@@ -10,9 +10,11 @@ what it was expected to hold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from minisbert.errors import ConfigError, ModelNotFoundError
@@ -94,3 +96,32 @@ def read_json(path: Path, what: str, *, default=_MISSING, expect: type = dict, l
         kind = "a JSON object" if expect is dict else "a JSON list" if expect is list else expect.__name__
         raise ConfigError(f"{path}: the {what} must be {kind}, not {type(value).__name__}")
     return value
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, fsync: bool = False):
+    """A temporary path beside ``target`` to write to; renamed over ``target`` when the block ends without
+    an error (a failure leaves an existing file as it was), with the permissions a plain ``open`` would
+    give (0666 less the umask: temporary files, and safetensors' own writes, are 0600). ``fsync``: the
+    data reaches the disk before the rename (a part file other machines will read)."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(target: str | os.PathLike, write) -> None:
+    """``write(binary file)`` into ``target`` through ``atomic_path``."""
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        write(f)

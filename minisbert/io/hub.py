@@ -78,9 +78,26 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token:
             return local
         return fetch(entry["hub_id"], revision or entry.get("revision"), token, cache_dir)
     if _HUB_ID.match(name) and not path.exists():
-        return fetch(name, revision, token, cache_dir)
+        if Path(name.split("/")[0]).expanduser().is_dir():  # "models/mymodel" beside a models/ folder
+            raise ModelNotFoundError(f"{name!r}: there is no folder {path} ({path.parent} exists, but not "
+                                     f"{path.name} in it); check the path. (A hub id of that name would need "
+                                     f"to be fetched: rename or move the local folder {path.parent} first.)")
+        try:
+            return fetch(name, revision, token, cache_dir)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"{name!r} is not a local folder (no {path.resolve()}), and as a hub id: "
+                                     f"{e}") from None
     raise ModelNotFoundError(f"{name!r} is neither a model folder, nor a short name "
                              f"({', '.join(short_names()) or 'none listed'}), nor a hub id of the form 'owner/name'")
+
+
+def installed_package_folder(name: str) -> tuple[str, Path] | None:
+    """(package, folder) when the short name ``name`` comes with an installed Python package, else None."""
+    entry = short_names().get(name)
+    if entry is None or not entry.get("package"):
+        return None
+    folder = packaged_model(entry)
+    return None if folder is None else (entry["package"], folder)
 
 
 def packaged_model(entry: dict) -> Path | None:
@@ -113,9 +130,9 @@ def fetch(repo_id: str, revision: str | None = None, token: str | bool | None = 
             "the hub could not be reached or refused the request, and it is not in the cache"
         raise ModelNotFoundError(
             f"cannot fetch {repo_id!r}{f' at revision {revision!r}' if revision else ''}: {why} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local folder in "
-            f"sentence-transformers layout instead, e.g. SentenceEncoder.from_pretrained('/path/to/model') "
-            f"or `python -m minisbert download NAME` on a machine with internet.") from None
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use a local folder in "
+            f"sentence-transformers layout instead: fetch it with 'minisbert download NAME' on a machine "
+            f"with internet and pass its path.") from None
     return folder
 
 
@@ -138,8 +155,8 @@ def download(name: str, revision: str | None = None, token: str | bool | None = 
     """Fetch a manifest entry (or any hub id) into ``weights/<name>/``, adding a safetensors twin
     when the repo only has the legacy ``.bin``."""
     if Path(name).expanduser().is_dir():
-        raise ModelNotFoundError(f"{name} is a local folder: there is nothing to download; use it as it is "
-                                 f"(--model {name}, or SentenceEncoder.from_pretrained({name!r}))")
+        raise ModelNotFoundError(f"{name} is a local folder: there is nothing to download; use its path as "
+                                 f"the model")
     entry = short_names().get(name, {"hub_id": name})
     if not entry.get("hub_id"):
         raise ModelNotFoundError(f"{name!r} is not on the hub: it comes with the package {entry.get('package')!r} "

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from minisbert.io.files import atomic_path, write_atomically
 from minisbert.io.folder import KOBERT_SPM_FILE
 from minisbert.modules.dense import NAMES as DENSE_NAMES
 from minisbert.modules.dense import Dense
@@ -52,8 +52,6 @@ MODULE_TYPES = {
     "Normalize": "sentence_transformers.models.Normalize",
     "WeightedLayerPooling": "sentence_transformers.models.WeightedLayerPooling",
 }
-UMASK = os.umask(0o022)  # read once at import: the only way to read it is to set it
-os.umask(UMASK)
 # Tokenizer files copied when the source folder has them (what minisbert and transformers read).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", KOBERT_SPM_FILE)
@@ -75,7 +73,10 @@ def save(encoder, path: str | os.PathLike, *, model_name: str | None = None, cre
     target = root / transformer_dir
     target.mkdir(exist_ok=True)
     write_json(target / "config.json", hf_config(folder.config, encoder.dtype))
-    write_weights(target, checkpoint_state_dict(encoder.model, encoder.arch), safe_serialization)
+    state = checkpoint_state_dict(encoder.model, encoder.arch)
+    # The tensors minisbert does not run (the pooler) go back unchanged, in the model's dtype.
+    state.update({key: tensor.to(encoder.dtype).contiguous() for key, tensor in encoder.carried.items()})
+    write_weights(target, state, safe_serialization)
     write_json(target / "sentence_bert_config.json",
                {"max_seq_length": encoder.max_seq_length, "do_lower_case": folder.do_lower_case})
     copy_tokenizer_files(Path(folder.tokenizer.folder), target)
@@ -208,9 +209,11 @@ def model_card(encoder, modules: list[dict], model_name: str | None, train_datas
 
 def write_weights(folder: Path, state: dict[str, torch.Tensor], safe_serialization: bool) -> None:
     if safe_serialization:
-        atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
     else:
-        atomic_write(folder / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
+        with atomic_path(folder / "pytorch_model.bin") as tmp:
+            torch.save(state, tmp)
 
 
 def write_json(path: Path, value) -> None:
@@ -218,10 +221,7 @@ def write_json(path: Path, value) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> None:
@@ -231,19 +231,5 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
             continue
         if dst.exists() and os.path.samefile(src, dst):  # saved over the folder it was loaded from
             continue
-        atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(temporary_path)`` beside ``path``, then rename it into place (with the permissions a
-    plain ``open`` would give, not mkstemp's owner-only ones)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)

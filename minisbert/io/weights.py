@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minisbert.errors import CheckpointError, MinisbertError
-from minisbert.io.files import CONFIG_LIMIT, WEIGHTS_LIMIT, parse_json, read_bytes, regular_file
+from minisbert.io.files import CONFIG_LIMIT, WEIGHTS_LIMIT, atomic_path, parse_json, read_bytes, regular_file
 from minisbert.io.legacy_bin import read_torch_bin
 
 log = logging.getLogger("minisbert")
@@ -240,5 +240,6 @@ def convert_to_safetensors(source: Path, target: Path) -> Path:
     state = read_state_dict(Path(source))
     # Tied or sliced tensors share storage, which safetensors refuses: give each its own memory.
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    save_file(state, str(target), metadata={"format": "pt", "converted_from": Path(source).name})
+    with atomic_path(target) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "converted_from": Path(source).name})
     return Path(target)

@@ -283,6 +283,9 @@ IGNORED_KEYS = (
     r"cls\..*",
     r"(bert\.)?embeddings\.position_ids",
 )
+# Ignored keys that ``save`` writes back unchanged (without the prefix): transformers' BertModel has a
+# pooler, so a folder without it loads with a "newly initialised" report in sentence-transformers.
+CARRIED_KEYS = (r"pooler\..*",)
 
 
 def build(hf_config: dict) -> BertModel:

@@ -398,6 +398,7 @@ IGNORED_KEYS = (
     r"mask_predictions\..*",
     r"(deberta\.)?embeddings\.position_ids",
 )
+CARRIED_KEYS = ()  # DebertaV2Model has no pooler (its ContextPooler belongs to the classification heads)
 
 
 def build(hf_config: dict) -> DebertaV2Model:

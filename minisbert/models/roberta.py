@@ -41,6 +41,7 @@ IGNORED_KEYS = (
     r"lm_head\..*",
     r"(roberta\.)?embeddings\.position_ids",
 )
+CARRIED_KEYS = bert.CARRIED_KEYS  # RobertaModel has BertModel's pooler
 
 
 def build(hf_config: dict) -> RobertaModel:

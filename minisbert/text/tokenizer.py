@@ -165,6 +165,12 @@ class TextTokenizer:
         return frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
 
     @property
+    def unk_id(self) -> int | None:
+        """The unknown token's id, where the tokenizer's model has one (WordPiece, BPE)."""
+        name = getattr(self.tokenizer.model, "unk_token", None)
+        return self.tokenizer.token_to_id(name) if isinstance(name, str) else None
+
+    @property
     def max_seq_length(self) -> int | None:
         """Where texts are cut; set (and checked) by the encoder, which owns the value."""
         return self._max_seq_length
