@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                 batch = list(range(8 * b, 8 * b + 8))
                 with single_thread():
                     ours = SentenceEncoder.from_pretrained(path)
-                    ours.model.train().requires_grad_(True)
-                    loop.batch_loss(ours, task, batch).backward()
+                    with ours.mode(train=True):
+                        loop.batch_loss(ours, task, batch).backward()
                     _, st = T.st_gradients(path, objective, task, batch)
                     _, truth = T.st_gradients(path, objective, task, batch, torch.float64)
                 names = T.hf_names(path, ours)

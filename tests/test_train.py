@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ from minisbert.encoder import SentenceEncoder
 from minisbert.errors import DataFormatError
 from minisbert.fast.cpu import cpu_kind
 from minisbert.io.weights import map_state_dict, read_state_dict
-from minisbert.train import loop
+from minisbert.train import loop, optim
 from minisbert.train.data import Examples, Sampler, read_examples
+from minisbert.train.logs import Progress
 from minisbert.train.losses import cosine_similarity_loss, get_loss, multiple_negatives_ranking_loss
 
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -357,18 +359,22 @@ def test_loss_names_and_parameters():
         get_loss("MultipleNegativesRankingLoss", {"scale": 0})
 
 
+def fit_params(**changes) -> train.FitParams:
+    fit = dict(epochs=1, steps_per_epoch=None, scheduler="warmuplinear", warmup_steps=7, optimizer_params={"lr": 1e-3},
+               weight_decay=0.01, evaluation_steps=0, max_grad_norm=1, use_amp=False, save_best_model=True)
+    return train.FitParams(**{**fit, **changes})
+
+
 @pytest.mark.parametrize("name", ["ConstantLR", "WarmupConstant", "WarmupLinear", "WarmupCosine",
                                   "WarmupCosineWithHardRestarts"])
 def test_schedules_equal_old_fit(name):
     """Every learning rate of 30 steps (warmup 7), against the scheduler old_fit builds."""
     from sentence_transformers import SentenceTransformer
 
-    fit = train.FitParams(epochs=1, steps_per_epoch=None, scheduler=name.lower(), warmup_steps=7,
-                          optimizer_params={"lr": 1e-3}, weight_decay=0.01, evaluation_steps=0, max_grad_norm=1,
-                          use_amp=False, save_best_model=True)
+    fit = fit_params(scheduler=name.lower(), warmup_steps=7)
     ours_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     st_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    ours, theirs = loop.schedule(ours_opt, fit, 30), SentenceTransformer._get_scheduler(st_opt, name, 7, 30)
+    ours, theirs = optim.schedule(ours_opt, fit, 30), SentenceTransformer._get_scheduler(st_opt, name, 7, 30)
     for _ in range(34):  # past the end too
         assert ours.get_last_lr() == theirs.get_last_lr()
         ours_opt.step(), st_opt.step(), ours.step(), theirs.step()
@@ -382,9 +388,10 @@ def test_weight_decay_groups_equal_old_fit(checkpoints):
     for arch, path in checkpoints.items():
         ours = SentenceEncoder.from_pretrained(path)
         names = hf_names(path, ours)
-        modules = dict(ours.model.named_modules())
-        plain = {names[n] for n, _ in ours.model.named_parameters()
-                 if loop.no_decay(n.rsplit(".", 1)[1], modules[n.rsplit(".", 1)[0]])}
+        decay, plain = optim.adamw(ours.trainable_modules(), fit_params()).param_groups
+        assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+        assert len(decay["params"]) + len(plain["params"]) == len(list(ours.model.parameters()))
+        plain = {names[n] for n, p in ours.model.named_parameters() if any(p is q for q in plain["params"])}
         st = SentenceTransformer(str(path), device="cpu")
         no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
         theirs = {n.removeprefix("0.model.") for n, _ in st.named_parameters() if any(nd in n for nd in no_decay)}
@@ -457,9 +464,9 @@ def test_first_step_loss_and_gradients(checkpoints, files, arch, objective):
     batch = list(range(8))
     with single_thread():
         ours = SentenceEncoder.from_pretrained(path)
-        ours.model.train().requires_grad_(True)
-        loss = loop.batch_loss(ours, task, batch)
-        loss.backward()
+        with ours.mode(train=True):
+            loss = loop.batch_loss(ours, task, batch)
+            loss.backward()
         st_loss, st_grads = st_gradients(path, objective, task, batch)
         _, truth = st_gradients(path, objective, task, batch, torch.float64)
     assert abs(loss.item() - st_loss) <= 1e-5 * abs(st_loss), f"loss {loss.item()} vs old_fit's {st_loss}"
@@ -571,9 +578,10 @@ def korsts_file(path: Path, texts: list[str], n: int = 24) -> Path:
     return path
 
 
-def test_train_command_writes_the_best_model(checkpoints, files, tmp_path):
+def test_train_command_writes_the_best_model(checkpoints, files, tmp_path, capsys):
     """``minisbert train``: the saved folder is the best evaluation's model, loads in sentence-transformers
-    with minisbert's embeddings, and the evaluation CSV and loss log hold every evaluation and step."""
+    with minisbert's embeddings, and the evaluation CSV and loss log hold every evaluation and step; with
+    stderr not a terminal (captured here) it prints a progress line per step of this 8-step run."""
     from sentence_transformers import SentenceTransformer
 
     from minisbert.cli import main
@@ -591,6 +599,10 @@ def test_train_command_writes_the_best_model(checkpoints, files, tmp_path):
     with single_thread():
         assert main(["train", "--model", str(checkpoints["bert"]), "--recipe", str(tmp_path / "recipe.json"),
                      "--output", str(out), "--seed", "1"]) == 0
+    stderr = capsys.readouterr().err
+    assert [int(s) for s in re.findall(r"^step (\d+)/8: loss \d+\.\d{4}, lr \S+, \d+ s$", stderr, re.M)] == \
+        list(range(1, 9)), stderr
+    assert "8 steps in " in stderr and "best score (max Spearman) " in stderr
     rows = (out / "eval" / "similarity_evaluation_sts-dev_results.csv").read_text().splitlines()
     assert rows[0] == "epoch,steps,cosine_pearson,cosine_spearman,euclidean_pearson,euclidean_spearman," \
                       "manhattan_pearson,manhattan_spearman,dot_pearson,dot_spearman"
@@ -622,6 +634,53 @@ def test_without_evaluator_the_final_model_is_saved(checkpoints, files, tmp_path
         for (name, a), b in zip(encoder.model.state_dict().items(), saved.model.state_dict().values()):
             assert torch.equal(a, b), name
         assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
+
+
+def test_progress_lines_where_stderr_is_not_a_terminal(checkpoints, files, capsys):
+    """fit's progress where stderr is a file or a pipe (pytest's capture): a line per step of this 8-step
+    run, each with both objectives' losses and the learning rate of the loss log; progress=False: none."""
+    rec = recipe(files, [MNR, COSINE], epochs=1)
+    with single_thread():
+        result = train.fit(SentenceEncoder.from_pretrained(checkpoints["bert"]), rec, None)
+        lines = capsys.readouterr().err.splitlines()
+        train.fit(SentenceEncoder.from_pretrained(checkpoints["bert"]), rec, None, progress=False)
+        assert capsys.readouterr().err == ""
+    assert len(lines) == 8 and len(result.losses) == 16
+    for step, line in enumerate(lines, 1):
+        mnr, cosine = result.losses[2 * step - 2], result.losses[2 * step - 1]
+        expected = f"step {step}/8: loss {mnr['loss']:.4f}/{cosine['loss']:.4f}, lr {mnr['lr']:.3g}, "
+        assert line.startswith(expected) and re.fullmatch(r"\d+ s", line.removeprefix(expected)), (line, expected)
+
+
+@pytest.mark.parametrize("total, steps", [(250, range(25, 251, 25)), (1000, range(100, 1001, 100)),
+                                          (7, range(1, 8)), (35, [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35])])
+def test_progress_line_every_tenth_or_100_steps_and_the_last(total, steps, capsys):
+    progress = Progress(total)
+    for step in range(1, total + 1):
+        progress.update(step, [{"loss": 0.5, "lr": 2e-5}])
+    printed = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    assert printed == list(steps)
+
+
+def test_scaled_steps_clip_true_gradients_and_a_changed_scale_skips_the_scheduler(checkpoints, files,
+                                                                                  monkeypatch):
+    """With loss scaling (fp16 on CUDA; here a CPU GradScaler in its place): a scale that never changes gives
+    float32's run bit for bit (a power of two scales exactly; clipping sees the unscaled gradients), and a
+    step whose scale changed skips its scheduler step, as old_fit's. Growing every second step, the
+    schedule advances after steps 1, 3, 5, 7 only."""
+    rec = recipe(files, [COSINE], epochs=1)  # 8 steps, WarmupLinear, warmup 3
+    scalers = iter([torch.amp.GradScaler("cpu", growth_interval=10**6), torch.amp.GradScaler("cpu", growth_interval=2)])
+    with single_thread():
+        encoders = [SentenceEncoder.from_pretrained(checkpoints["bert"]) for _ in range(3)]
+        fp32 = train.fit(encoders[0], rec, None, progress=False)
+        monkeypatch.setattr(loop, "precision", lambda use_amp, device: (None, next(scalers)))
+        steady = train.fit(encoders[1], rec, None, progress=False)
+        growing = train.fit(encoders[2], rec, None, progress=False)
+    assert steady.losses == fp32.losses
+    for a, b in zip(encoders[0].model.parameters(), encoders[1].model.parameters()):
+        assert torch.equal(a, b)
+    expected = [1e-3 * optim.lr_factor("warmuplinear", n, 3, 8) for n in (0, 1, 1, 2, 2, 3, 3, 4)]
+    assert [r["lr"] for r in growing.losses] == expected
 
 
 @pytest.mark.skipif(not cpu_kind().native_bf16, reason="this CPU has no native bf16 (AVX512_BF16 or AMX)")

@@ -1,8 +1,11 @@
-"""Fine-tuning: the recipe (``recipe.py``), the loop (``loop.py``), losses, data and samplers.
+"""Fine-tuning: the recipe (``recipe.py``), the loop (``loop.py``) and what it calls: losses, data and
+samplers, AdamW and schedules (``optim.py``), evaluation (``evaluate.py``), logs; ``command.py`` is
+``minisbert train``.
 
 ``minisbert.train.fit(encoder, recipe, output)`` trains; ``read_recipe(path)`` reads a recipe."""
 
-from minisbert.train.loop import FitResult, add_arguments, fit, run
+from minisbert.train.command import add_arguments, run
+from minisbert.train.loop import FitResult, fit
 from minisbert.train.recipe import FitParams, Objective, Recipe, RecipeError, parse_recipe, read_recipe
 
 __all__ = ["FitParams", "FitResult", "Objective", "Recipe", "RecipeError", "add_arguments", "fit", "parse_recipe",
