@@ -1,4 +1,4 @@
-"""Fine-tuning with the seed cards' recipes: sentence-transformers' legacy ``fit``, step for step.
+"""Fine-tuning as sentence-transformers' legacy ``fit`` (``old_fit``) trains, step for step.
 
     python -m minisbert train --model all-MiniLM-L6-v2 --recipe recipes/klue-sroberta-sts.json --output out
 
@@ -19,8 +19,8 @@ steps -> its own scheduler steps. Also as ``old_fit``:
   scheduler, as ``old_fit`` does); on a CPU, bf16 autocast, which needs no scaling (bf16 has fp32's range).
 
 One thing differs, for speed, not for the math: each step's texts (all columns of a batch) are
-embedded in groups of similar token counts, each group padded to its own longest text, instead of
-each column padded to its own longest; the linears then run on ~1.5x fewer padded positions at
+embedded in groups of equal padded length (``runner.embed_padded``, as inference), instead of each
+column padded to its own longest; the linears then run on ~1.5x fewer padded positions at
 KorSTS's lengths. Groups change only the order of float sums (``tests/test_train.py`` holds the
 steps to ``old_fit``'s within rounding).
 
