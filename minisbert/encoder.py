@@ -45,13 +45,13 @@ class SentenceEncoder:
         """``SentenceTransformer(model_name_or_path, ...)``'s call: the same as ``from_pretrained`` with the
         same keywords, and also sentence-transformers' ``cache_folder`` (``cache_dir``) and
         ``model_kwargs={"torch_dtype": ...}`` (``dtype``); any other keyword is a ValueError naming it."""
-        loaded = type(self).from_pretrained(model_name_or_path, **from_pretrained_keywords(kwargs))
-        self.__dict__.update(loaded.__dict__)  # one loader: the encoder from_pretrained built, adopted
+        built = type(self).from_pretrained(model_name_or_path, **from_pretrained_keywords(kwargs))
+        self.__dict__.update(built.__dict__)  # one loader: the encoder from_pretrained built, adopted
 
     @classmethod
     def _from_loaded(cls, folder: ModelFolder, loaded: Loaded, fast: bool | None = None,
                      quantize: str | None = None) -> "SentenceEncoder":
-        """The encoder of a read folder and its loaded modules (``__init__`` opens a model by name instead)."""
+        """The encoder of a read folder and its loaded modules (``from_pretrained`` reads and loads them)."""
         encoder = cls.__new__(cls)  # not __init__, which opens a model by name
         encoder.folder = folder  # what the model folder says (modules, pooling, settings, files)
         encoder.source = str(folder.root)
