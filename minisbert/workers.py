@@ -39,6 +39,8 @@ import torch
 import torch.multiprocessing as mp
 from tqdm.auto import tqdm
 
+from minisbert.encoding.inference import run_here
+
 log = logging.getLogger("minisbert")
 
 
@@ -104,9 +106,9 @@ def stop(pool: dict) -> None:
 
 def encode(encoder, texts: list[str], pool: dict | None = None, devices: list | None = None,
            chunk_size: int | None = None, **inference):
-    """``encoder._inference(texts, **inference)`` run by the pool's workers (a temporary pool on
-    ``devices`` when no pool is given): (N, D) embeddings on the CPU, or a list for token embeddings
-    and features."""
+    """``run_here(encoder, texts, **inference)`` (``minisbert.encoding.inference``) run by the pool's
+    workers (a temporary pool on ``devices`` when no pool is given): (N, D) embeddings on the CPU, or a
+    list for token embeddings and features."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     if not texts:
@@ -192,7 +194,7 @@ def worker(device: str, threads: int, payload: bytes, inputs, outputs) -> None:
         chunk_id, texts, inference = inputs.get()
         try:
             with torch.inference_mode():
-                result = to_cpu(encoder._inference(texts, **inference))
+                result = to_cpu(run_here(encoder, texts, **inference))
         except Exception as e:  # noqa: BLE001 - every error goes back to the caller
             outputs.put([chunk_id, Failure(e)])
         else:

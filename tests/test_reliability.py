@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, corpus, make_checkpoint, single_thread, st_model
 
 from minisbert import CheckpointError, ConfigError, ModelNotFoundError, SentenceEncoder, UnsupportedModuleError
-from minisbert import encoder as encoder_module
 from minisbert import runner as runner_module
+from minisbert.encoding import inference as inference_module
 from minisbert.errors import MinisbertError
 from minisbert.models import ARCHITECTURES
 from minisbert.text.long_texts import words_tokenized_alone
@@ -562,7 +562,7 @@ def test_padded_length_depends_on_the_text_alone(tiny):
 def test_encode_streams_batches(tiny, monkeypatch, fast):
     """No model input holds more than one batch (every padded (rows, T) tensor is at most
     batch_size * max_seq_length tokens) and no more than one chunk of texts is tokenized at once."""
-    monkeypatch.setattr(encoder_module, "PLAN_CHUNK", 64)  # tokenize and plan 64 texts at a time
+    monkeypatch.setattr(inference_module, "PLAN_CHUNK", 64)  # tokenize and plan 64 texts at a time
     enc = SentenceEncoder.from_pretrained(tiny("bert"), fast=fast)
     tokenized: list[int] = []
     padded: list[tuple[int, int]] = []

@@ -56,7 +56,7 @@ def test_deepcopy_and_pickle_give_an_independent_equal_encoder(tiny, arch, fast)
         # Independent weights: changing the copy leaves the original as it was.
         with torch.no_grad():
             clone.model.blocks[0].ffn.up.weight.mul_(2.0)  # (not embeddings: a LayerNorm follows them)
-        clone.fast = clone.fast  # the packed path copies fused weights: rebuilt after editing weights
+        clone.rebuild_runner()  # the packed path copies fused weights: rebuilt after editing weights
         assert max_diff(clone.encode(TEXTS[:4]), want[:4]) > 1e-3, how
         assert max_diff(enc.encode(TEXTS[:4]), want[:4]) == 0.0, how
 
@@ -108,7 +108,7 @@ def test_save_writes_the_current_weights_and_dtype(tmp_path, tiny):
     enc = SentenceEncoder.from_pretrained(tiny["roberta"])
     with torch.no_grad():
         enc.model.blocks[1].ffn.up.weight.mul_(1.5)
-    enc.fast = enc.fast
+    enc.rebuild_runner()
     enc.save_pretrained(tmp_path / "trained", create_model_card=False)
     assert not (tmp_path / "trained" / "README.md").exists()
     assert max_diff(st_model(tmp_path / "trained").encode(TEXTS), enc.encode(TEXTS)) <= TOL

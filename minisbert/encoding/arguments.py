@@ -1,0 +1,72 @@
+"""``encode``'s arguments, checked and normalised once, before any text is tokenized: what sentence-
+transformers refuses is refused here with its message, and what it normalises (``convert_to_tensor``
+over ``convert_to_numpy``, ``truncate_dim`` defaulting to the model's) is normalised here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from minisbert.checks import positive_int
+from minisbert.quantize import PRECISIONS
+from minisbert.text.tokenizer import check_texts
+
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
+MISSING = object()  # ``encode()`` without texts (they may come as ``inputs=``)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeCall:
+    """One ``encode`` call, checked: its texts and what to do with them."""
+
+    texts: list[str]
+    single: bool  # one text given (not a list): one vector returned
+    prompt: str  # prepended to every text ("" for none)
+    batch_size: int
+    show_progress_bar: bool | None
+    output_value: str | None
+    precision: str | None
+    convert_to_numpy: bool
+    convert_to_tensor: bool
+    normalize_embeddings: bool
+    truncate_dim: int | None
+
+    def inference(self) -> dict:
+        """The keywords of ``inference.run_here`` (also what each worker of a pool receives)."""
+        return dict(prompt=self.prompt, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar,
+                    output_value=self.output_value, normalize_embeddings=self.normalize_embeddings,
+                    truncate_dim=self.truncate_dim)
+
+
+def check_encode(encoder, sentences, kwargs: dict, *, prompt_name: str | None, prompt: str | None,
+                 batch_size: int, show_progress_bar: bool | None, output_value: str | None,
+                 precision: str | None, convert_to_numpy: bool, convert_to_tensor: bool,
+                 normalize_embeddings: bool, truncate_dim: int | None) -> EncodeCall:
+    """``encode``'s arguments as one ``EncodeCall``; ``kwargs`` are the keywords ``encode`` has no name for."""
+    kwargs = dict(kwargs)
+    if sentences is MISSING:  # sentence-transformers 6 names it ``inputs``
+        if "inputs" not in kwargs:
+            raise TypeError("encode() missing the texts to embed")
+        sentences = kwargs.pop("inputs")
+    kwargs.pop("task", None)  # sentence-transformers' Router task: these models have one route
+    if kwargs:
+        raise ValueError(f"SentenceEncoder.encode() has been called with additional keyword arguments that "
+                         f"this model does not use: {list(kwargs)}.")
+    if output_value not in OUTPUT_VALUES:
+        raise ValueError(f"output_value={output_value!r} is not one of {OUTPUT_VALUES}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"Precision {precision!r} is not supported, must be one of {set(PRECISIONS)}")
+    if precision not in (None, "float32") and output_value is None:
+        raise ValueError(f"precision={precision!r} quantizes embeddings; output_value=None returns features")
+    if convert_to_tensor:
+        convert_to_numpy = False
+    if output_value != "sentence_embedding":  # per-text tensors or dicts, as given
+        convert_to_tensor = convert_to_numpy = False
+    batch_size = positive_int(batch_size, "batch_size")
+    single = isinstance(sentences, (str, dict))  # a dict is one multimodal input, as in sentence-transformers
+    texts = check_texts([sentences] if single else sentences)
+    truncate_dim = encoder.truncate_dim if truncate_dim is None else truncate_dim
+    return EncodeCall(texts=texts, single=single, prompt=encoder.resolve_prompt(prompt, prompt_name),
+                      batch_size=batch_size, show_progress_bar=show_progress_bar, output_value=output_value,
+                      precision=precision, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor,
+                      normalize_embeddings=normalize_embeddings,
+                      truncate_dim=None if truncate_dim is None else positive_int(truncate_dim, "truncate_dim"))

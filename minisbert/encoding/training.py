@@ -1,0 +1,53 @@
+"""What fine-tuning switches on an encoder (``SentenceEncoder.mode``) and how it embeds with gradients
+(``SentenceEncoder.embed_for_training``): the reference forward, never the packed path, whose fused
+weights are copies that training would not update."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from minisbert.modules.kernels import masked_mean
+from minisbert.modules.pooling import pool as pool_states
+from minisbert.runner import embed_padded
+
+
+@contextlib.contextmanager
+def mode(encoder, train: bool):
+    """The trainable modules in train mode with gradients (``train=True``) or in eval mode without
+    (``train=False``, the packed path rebuilt first) for the block; their previous mode after it, and
+    the packed path rebuilt from the trained weights on leaving train mode."""
+    modules = encoder.trainable_modules()
+    before = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+    for m in modules:
+        m.train(train).requires_grad_(train)
+    if not train:
+        encoder.rebuild_runner()
+    try:
+        yield encoder
+    finally:
+        for m, training, grads in before:
+            m.train(training)
+            for p, grad in zip(m.parameters(), grads):
+                p.requires_grad_(grad)
+        if train:
+            encoder.rebuild_runner()
+
+
+def embed(encoder, texts: list[str]) -> torch.Tensor:
+    """Texts (no prompt) -> (n, D): padded groups of equal length (``runner.embed_padded``) through the
+    reference forward, pooled, then the modules after Pooling."""
+    device, modes = encoder.device, encoder.pooling.modes
+
+    def run(groups):
+        pooled = []
+        for input_ids, mask in groups:
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            states = encoder.model(input_ids, mask)  # (b, T, C)
+            # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
+            pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool_states(states, mask, modes))
+        return torch.cat(pooled)  # (n, C * modes)
+
+    ids = encoder.tokenizer.encode_ids(texts)
+    return encoder.head(embed_padded(ids, encoder.tokenizer.pad_id, encoder.max_tokens, run))
