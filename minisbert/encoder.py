@@ -19,11 +19,10 @@ import torch.nn.functional as F
 
 from minisbert import workers
 from minisbert.checks import check_device, check_quantize, parse_dtype
-from minisbert.encoding import evaluation, features, moves, pickling, prompts, routing, runners, settings, training
-from minisbert.encoding.arguments import MISSING, check_encode
-from minisbert.encoding.constructor import from_pretrained_keywords
-from minisbert.encoding.evaluation import ModelCardData
-from minisbert.encoding.outputs import convert
+from minisbert.encoding import calls, copies, inference, options, runners, training
+from minisbert.encoding.calls import MISSING, check_encode, convert
+from minisbert.encoding.options import from_pretrained_keywords
+from minisbert.encoding.training import ModelCardData
 from minisbert.errors import ConfigError
 from minisbert.fast.runner import PackedRunner
 from minisbert.io import hub
@@ -104,16 +103,16 @@ class SentenceEncoder:
             check_quantize(quantize, check_device(device), torch.float32 if dtype == "auto" else parse_dtype(dtype))
         folder = read_folder(hub.resolve(name_or_path, revision=revision, token=token, cache_dir=cache_dir))
         encoder = cls._from_loaded(folder, load(folder, device=device, dtype=dtype), fast=fast, quantize=quantize)
-        settings.override_settings(encoder, prompts, default_prompt_name, similarity_fn_name, truncate_dim)
+        options.override_settings(encoder, prompts, default_prompt_name, similarity_fn_name, truncate_dim)
         return encoder
 
-    # -- copying, pickling, moving (``encoding.pickling``, ``encoding.moves``) --------------------------
+    # -- copying, pickling, moving (``encoding.copies``, ``encoding.copies``) --------------------------
 
     def __getstate__(self) -> dict:
-        return pickling.getstate(self)
+        return copies.getstate(self)
 
     def __setstate__(self, state: dict) -> None:
-        pickling.setstate(self, state)
+        copies.setstate(self, state)
 
     def pipeline(self) -> list[torch.nn.Module]:
         """The modules in the order they run: the transformer, WeightedLayerPooling if any, the modules
@@ -137,7 +136,7 @@ class SentenceEncoder:
         """Move and/or cast every module, as ``nn.Module.to`` (``to("cuda")``, ``to(torch.float16)``,
         ``to("cpu", torch.bfloat16)``); returns the encoder. The packed path is rebuilt for the new
         device and dtype."""
-        moves.move(self, *args, **kwargs)
+        copies.move(self, *args, **kwargs)
         return self
 
     def half(self) -> "SentenceEncoder":
@@ -153,7 +152,7 @@ class SentenceEncoder:
         return self.to("cpu")
 
     def cuda(self, device: int | str | torch.device | None = None) -> "SentenceEncoder":
-        return self.to(moves.cuda_device(device))
+        return self.to(copies.cuda_device(device))
 
     # -- properties --------------------------------------------------------------------------------
 
@@ -178,7 +177,7 @@ class SentenceEncoder:
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        self._max_seq_length = self.tokenizer.max_seq_length = settings.check_max_seq_length(value, self.max_tokens)
+        self._max_seq_length = self.tokenizer.max_seq_length = options.check_max_seq_length(value, self.max_tokens)
 
     def get_max_seq_length(self) -> int:
         return self.max_seq_length
@@ -190,7 +189,7 @@ class SentenceEncoder:
 
     @similarity_fn_name.setter
     def similarity_fn_name(self, value) -> None:
-        self._similarity_fn_name = settings.check_similarity_fn_name(value)
+        self._similarity_fn_name = options.check_similarity_fn_name(value)
 
     @property
     def pooled_dim(self) -> int:
@@ -210,7 +209,7 @@ class SentenceEncoder:
 
     def truncate_sentence_embeddings(self, truncate_dim: int | None):
         """Within the block, ``encode`` cuts embeddings to ``truncate_dim`` (None: no cut)."""
-        return settings.truncated(self, truncate_dim)
+        return options.truncated(self, truncate_dim)
 
     truncate_embeddings = truncate_sentence_embeddings
 
@@ -248,7 +247,7 @@ class SentenceEncoder:
     def uses_token_type_ids(self) -> bool:
         """Whether the tokenizer's inputs (``tokenize``) include ``token_type_ids``, as transformers'
         tokenizer class for this folder returns them."""
-        return features.uses_token_type_ids(self.folder.tokenizer.config, self.model_type)
+        return inference.uses_token_type_ids(self.folder.tokenizer.config, self.model_type)
 
     # -- encoding ----------------------------------------------------------------------------------
 
@@ -271,7 +270,7 @@ class SentenceEncoder:
         ``token_type_ids`` (where the tokenizer makes them), ``attention_mask`` (B, T) int64, padded
         to the longest text, truncated at ``max_seq_length``, and ``modality`` ("text")."""
         texts = [texts] if isinstance(texts, str) else check_texts(texts)
-        return features.tokenize(self, texts) if texts else {}
+        return inference.tokenize(self, texts) if texts else {}
 
     @torch.inference_mode()
     def encode(self, sentences: str | list[str] = MISSING, prompt_name: str | None = None,
@@ -298,31 +297,31 @@ class SentenceEncoder:
                             show_progress_bar=show_progress_bar, output_value=output_value, precision=precision,
                             convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor,
                             normalize_embeddings=normalize_embeddings, truncate_dim=truncate_dim)
-        out, where = routing.run(self, call.texts, call.inference(), pool=pool, device=device, chunk_size=chunk_size)
+        out, where = calls.run(self, call.texts, call.inference(), pool=pool, device=device, chunk_size=chunk_size)
         if len(out) and call.precision not in (None, "float32"):
             out = quantize_embeddings(out, call.precision)
         return convert(out, call, where)
 
-    # -- prompts (``encoding.prompts``) ----------------------------------------------------------------
+    # -- prompts (``encoding.options``) ----------------------------------------------------------------
 
     def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
         """The text ``encode`` prepends: ``prompt`` if given, else ``prompts[prompt_name]``, else the default
         prompt's, else none; sentence-transformers' rule."""
-        return prompts.resolve_prompt(self.prompts, self.default_prompt_name, prompt, prompt_name)
+        return options.resolve_prompt(self.prompts, self.default_prompt_name, prompt, prompt_name)
 
     def prompt_length(self, prompt: str) -> int:
         """The tokens of ``prompt`` at the start of every prompted text: [CLS] and the prompt's own (its
         trailing [SEP] not counted), as sentence-transformers counts what ``include_prompt: false`` skips."""
-        return prompts.prompt_length(self.tokenizer, prompt)
+        return options.prompt_length(self.tokenizer, prompt)
 
     def encode_query(self, sentences: str | list[str], **kwargs):
         """``encode`` with the ``"query"`` prompt unless a prompt is given (sentence-transformers' encode_query)."""
-        return self.encode(sentences, **prompts.query_keywords(self.prompts, kwargs))
+        return self.encode(sentences, **options.query_keywords(self.prompts, kwargs))
 
     def encode_document(self, sentences: str | list[str], **kwargs):
         """``encode`` with the first of the ``"document"``, ``"passage"``, ``"corpus"`` prompts the model
         has, unless a prompt is given (sentence-transformers' encode_document)."""
-        return self.encode(sentences, **prompts.document_keywords(self.prompts, kwargs))
+        return self.encode(sentences, **options.document_keywords(self.prompts, kwargs))
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -382,7 +381,7 @@ class SentenceEncoder:
 
     def evaluate(self, evaluator, output_path: str | None = None):
         """Run a sentence-transformers evaluator on this encoder: ``evaluator(self, output_path)``."""
-        return evaluation.evaluate(self, evaluator, output_path)
+        return training.evaluate(self, evaluator, output_path)
 
     def save(self, path: str | os.PathLike, model_name: str | None = None, create_model_card: bool = True,
              train_datasets: list[str] | None = None, safe_serialization: bool = True) -> None:

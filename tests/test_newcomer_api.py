@@ -90,7 +90,7 @@ def test_keywords_that_disagree_are_refused(tiny):
 
 def test_the_keyword_list_is_from_pretrained_signature():
     """The constructor accepts exactly from_pretrained's keywords (plus sentence-transformers' names)."""
-    from minisbert.encoding.constructor import FROM_PRETRAINED
+    from minisbert.encoding.options import FROM_PRETRAINED
 
     parameters = list(inspect.signature(SentenceEncoder.from_pretrained).parameters)
     assert tuple(parameters[1:]) == FROM_PRETRAINED

@@ -5,6 +5,7 @@ weights are copies that training would not update."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -51,3 +52,21 @@ def embed(encoder, texts: list[str]) -> torch.Tensor:
 
     ids = encoder.tokenizer.encode_ids(texts)
     return encoder.head(embed_padded(ids, encoder.tokenizer.pad_id, encoder.max_tokens, run))
+
+
+def evaluate(encoder, evaluator, output_path: str | None = None):
+    """The evaluator's result; ``output_path`` (where it writes its CSV) created first."""
+    if output_path is not None:
+        os.makedirs(output_path, exist_ok=True)
+    return evaluator(encoder, output_path)
+
+
+class ModelCardData:
+    """Where sentence-transformers' evaluators record their metrics (``set_evaluation_metrics``)."""
+
+    def __init__(self):
+        self.eval_results: list[dict] = []
+
+    def set_evaluation_metrics(self, evaluator, metrics: dict, epoch: int = 0, step: int = 0) -> None:
+        self.eval_results.append({"evaluator": type(evaluator).__name__, "metrics": dict(metrics),
+                                  "epoch": epoch, "step": step})

@@ -1,13 +1,18 @@
-"""``encode``'s arguments, checked and normalised once, before any text is tokenized: what sentence-
-transformers refuses is refused here with its message, and what it normalises (``convert_to_tensor``
-over ``convert_to_numpy``, ``truncate_dim`` defaulting to the model's) is normalised here."""
+"""One ``encode`` call, as sentence-transformers makes it: its arguments checked and normalised once
+(before any text is tokenized), run in this process or in worker processes, and the result converted
+as sentence-transformers returns it."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+import torch
+
+from minisbert import workers
 from minisbert.checks import positive_int
-from minisbert.quantize import PRECISIONS
+from minisbert.encoding.inference import run_here
+from minisbert.quantize import PRECISIONS, to_numpy
 from minisbert.text.tokenizer import check_texts
 
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
@@ -70,3 +75,33 @@ def check_encode(encoder, sentences, kwargs: dict, *, prompt_name: str | None, p
                       precision=precision, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor,
                       normalize_embeddings=normalize_embeddings,
                       truncate_dim=None if truncate_dim is None else positive_int(truncate_dim, "truncate_dim"))
+
+
+def run(encoder, texts: list[str], inference: dict, pool: dict | None, device, chunk_size: int | None):
+    """``(out, device)``: ``run_here``'s result for ``texts``, and where an empty tensor result lies
+    (the encoder's device, or the CPU where workers ran it)."""
+    if pool is not None or (isinstance(device, list) and len(device) > 0):
+        return workers.encode(encoder, texts, pool=pool, devices=device, chunk_size=chunk_size, **inference), "cpu"
+    if device is not None and not isinstance(device, list):
+        target = torch.empty(0, device=device).device  # canonical: "cpu:0" is "cpu"
+        if target != encoder.device:
+            encoder.to(target)
+    return run_here(encoder, texts, **inference), encoder.device
+
+
+def convert(out, call: EncodeCall, device: torch.device | str):
+    """``out`` (an (N, D) tensor or array, an empty 1-D tensor, or a list) converted as ``call`` asks;
+    ``device``: where an empty tensor result lies (the model's, or the CPU after worker processes)."""
+    if call.convert_to_tensor:
+        if isinstance(out, torch.Tensor) or len(out):
+            out = torch.as_tensor(out)
+        else:
+            out = torch.tensor([], device=device)
+    elif call.convert_to_numpy:
+        if not len(out):
+            out = np.array([])
+        elif isinstance(out, torch.Tensor):
+            out = to_numpy(out)
+    else:
+        out = list(torch.from_numpy(out) if isinstance(out, np.ndarray) else out)
+    return out[0] if call.single else out
