@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import corpus, make_checkpoint, require_shared_data
+from test_fast import packed_embed
 
 from minisbert import SentenceEncoder, cli
-from minisbert.fast import linear as fast_linear
 from minisbert.fast.int8 import hadamard, onednn_int8_usable, quantize_rows, rotate
 from minisbert.fast.linear import Linear, mkldnn_usable
 
@@ -58,7 +58,7 @@ def test_hadamard_is_orthonormal_and_rotates_blocks():
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("rotate_input, act, packed", [(False, None, True), (True, None, True), (True, "gelu", True),
                                                         (True, None, False)])
-def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed, monkeypatch):
+def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed):
     """y = (q_x s_x)(q_w s_w)^T + b: the integer products exact, one scale per token and per output
     channel, the block rotation applied to both sides; through oneDNN and through torch._int_mm, the
     rotation through oneDNN's prepacked GEMM and through ``x @ h``."""
@@ -66,12 +66,10 @@ def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed, monkey
         pytest.skip("oneDNN's int8 linear does not run here")
     if packed and not mkldnn_usable():
         pytest.skip("oneDNN's fp32 linear does not run here")
-    monkeypatch.setattr(fast_linear, "onednn_int8_usable", lambda: onednn)
-    monkeypatch.setattr(fast_linear, "mkldnn_usable", lambda dtype=torch.float32: packed)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g)
     x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of Linear.ROWS
-    lin = Linear(w, b, "int8", act=act, rotate_input=rotate_input)
+    lin = Linear(w, b, "int8", act=act, rotate_input=rotate_input, onednn=onednn, packed_rotation=packed)
     assert lin.onednn == onednn and (lin.rotation_packed is not None) == (packed and rotate_input)
     h = hadamard(64)
     turn = (lambda t: rotate(t, h)) if rotate_input else (lambda t: t)
@@ -102,9 +100,9 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_close_to_fp32_and_off_by_default(arch, tiny_models):
     exact = SentenceEncoder.from_pretrained(tiny_models[arch])
-    assert exact.quantize is None and exact._packed.forward.backend != "int8"  # off unless asked for
+    assert exact.quantize is None and exact.runner.forward.backend != "int8"  # off unless asked for
     quantized = SentenceEncoder.from_pretrained(tiny_models[arch], quantize="int8")
-    assert quantized.quantize == "int8" and quantized._packed.forward.backend == "int8"
+    assert quantized.quantize == "int8" and quantized.runner.forward.backend == "int8"
     texts = corpus(60) + ["", "한국어 " * 300]
     want, got = exact.encode(texts), quantized.encode(texts)
     cos = cosines(got, want)
@@ -116,15 +114,16 @@ def test_int8_close_to_fp32_and_off_by_default(arch, tiny_models):
 
 
 @needs_int8
-def test_minilm_int8_cosine_to_fp32(minilm_path, monkeypatch):
+def test_minilm_int8_cosine_to_fp32(minilm_path):
     """The real all-MiniLM-L6-v2: every embedding within cosine 0.99 of fp32, and the rotation is what
     gets it there (its LayerNorm outputs hold outlier channels)."""
     texts = corpus(300)
     want = SentenceEncoder.from_pretrained(minilm_path).encode(texts)
     rotated = cosines(SentenceEncoder.from_pretrained(minilm_path, quantize="int8").encode(texts), want)
     assert rotated.min() >= 0.99, f"min cosine {rotated.min():.5f}"
-    monkeypatch.setattr(fast_linear, "ROTATION", 1)  # blocks of one column: no rotation
-    plain = cosines(SentenceEncoder.from_pretrained(minilm_path, quantize="int8").encode(texts), want)
+    # Blocks of one column: no rotation (the pooled vectors before Normalize: the same cosines).
+    plain = cosines(packed_embed(SentenceEncoder.from_pretrained(minilm_path), texts, quantize="int8",
+                                 rotation_block=1), want)
     assert 1 - rotated.min() < (1 - plain.min()) / 2, (rotated.min(), plain.min())
 
 
@@ -160,7 +159,7 @@ def test_int8_encoder_stays_int8(tiny_models, monkeypatch, caplog):
     path = tiny_models["bert"]
     monkeypatch.setenv("MINISBERT_FAST", "0")
     encoder = SentenceEncoder.from_pretrained(path, quantize="int8")
-    assert encoder.fast and encoder._packed.forward.backend == "int8"
+    assert encoder.fast and encoder.runner.forward.backend == "int8"
     with pytest.raises(ValueError, match="fast=False"):
         encoder.fast = False
     texts = corpus(20)
@@ -194,3 +193,4 @@ def test_cli_quantize_checked_before_loading(capsys, monkeypatch):
     assert code == 2 and "float32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["encode", "--model", "all-MiniLM-L6-v2", "--quantize", "int4", "x"])
+
