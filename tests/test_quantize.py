@@ -9,12 +9,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import corpus, make_checkpoint, require_shared_data
+from conftest import corpus, make_checkpoint, require_shared_data, st_model
 from test_fast import packed_embed
 
 from minisbert import SentenceEncoder, cli
 from minisbert.fast.int8 import hadamard, onednn_int8_usable, quantize_rows, rotate
 from minisbert.fast.linear import Linear, mkldnn_usable
+from minisbert.quantize import quantize_embeddings
 
 ARCHS = ["bert", "roberta", "deberta-v2"]
 TOL = 1e-5
@@ -194,3 +195,41 @@ def test_cli_quantize_checked_before_loading(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["encode", "--model", "all-MiniLM-L6-v2", "--quantize", "int4", "x"])
 
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized embeddings (precision=), byte for byte as sentence-transformers
+
+
+def test_range_edges_quantize_as_sentence_transformers():
+    """At a dimension's maximum, (max - min) / step is 255 only up to float32 rounding: here 255.00002
+    (clipped to 255, never wrapped to 0) and 254.99998 (floored to 254), as sentence-transformers does."""
+    from sentence_transformers.util import quantize_embeddings as st_quantize
+
+    tokens = [np.array([[0.1257302165031433, 0.10490011423826218], [0.8591880202293396, 0.281821072101593]],
+                       dtype=np.float32), np.array([[0.5, 0.2]], dtype=np.float32)]
+    for precision, top in (("uint8", [255, 254]), ("int8", [127, 126])):
+        got, want = quantize_embeddings(tokens, precision), st_quantize(tokens, precision)
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want)), precision
+        assert got[0][1].tolist() == top, precision
+        assert np.array_equal(quantize_embeddings(np.concatenate(tokens), precision), st_quantize(np.concatenate(
+            tokens), precision)), precision
+
+
+@pytest.mark.parametrize("precision", ["uint8", "int8"])
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_token_embeddings_quantized_as_sentence_transformers(model, precision, tiny_models, request):
+    """``encode_query(output_value="token_embeddings", precision=..., truncate_dim=...)``: the same bytes
+    as sentence-transformers (ranges shared by all the call's tokens; truncate_dim cuts only sentence
+    embeddings, in both)."""
+    path = tiny_models["bert"] if model == "tiny" else request.getfixturevalue("minilm_path")
+    ours, st = SentenceEncoder.from_pretrained(path), st_model(path)
+    texts = corpus(50, seed=4) + ["", "a"]
+    for truncate_dim in (None, 16):
+        kwargs = dict(output_value="token_embeddings", precision=precision, truncate_dim=truncate_dim)
+        got, want = ours.encode_query(texts, **kwargs), st.encode_query(texts, **kwargs)
+        assert type(got) is type(want) and len(got) == len(want) == len(texts)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape, (truncate_dim, i)
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+            assert not diff.any(), f"truncate_dim={truncate_dim} text {i}: {int((diff > 0).sum())} bytes differ, " \
+                                   f"by up to {diff.max()}"
