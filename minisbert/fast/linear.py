@@ -67,8 +67,8 @@ def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
 # the one count oneDNN rounds differently.
 ROWS = 32
 # MKL picks other kernels (other rounding) for a few rows: 1-3, 5-7 and 9-11 rows differ from the same
-# rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX
-# (``python scripts/tune_fast.py --mkl-rows`` prints the row counts that differ on this CPU). Zero rows
+# rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX (1-15 at BERT's
+# shapes in a later run; ``python scripts/tune_fast.py --mkl-rows`` prints the counts on this CPU). Zero rows
 # up to MKL_ROWS keep a text's embedding the same whatever else shares its batch.
 MKL_ROWS = 16
 
