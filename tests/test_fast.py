@@ -687,6 +687,6 @@ def test_linear_add_is_the_residual_sum(backend):
         pytest.skip("oneDNN linear is not available")
     torch.manual_seed(0)
     lin = Linear(torch.randn(96, 128), torch.randn(96), backend)
-    for n in (64, 70):  # a multiple of Linear.ROWS (fused on oneDNN) and not
+    for n in (64, 70):  # a multiple of linear.ROWS (fused on oneDNN) and not
         x, residual = torch.randn(n, 128), torch.randn(n, 96)
         assert torch.equal(lin.add(x, residual), residual + lin(x)), n

@@ -69,7 +69,7 @@ def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed):
         pytest.skip("oneDNN's fp32 linear does not run here")
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g)
-    x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of Linear.ROWS
+    x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of linear.ROWS
     lin = Linear(w, b, "int8", act=act, rotate_input=rotate_input, onednn=onednn, packed_rotation=packed)
     assert lin.onednn == onednn and (lin.rotation_packed is not None) == (packed and rotate_input)
     h = hadamard(64)
