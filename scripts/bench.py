@@ -303,17 +303,15 @@ class GemmsAlone:
     (docs/performance.md; ``scripts/gemm_shapes.py`` times single shapes).
     This runs minisbert's own ``Linear`` objects (every layer's prepacked weights, fused GELU and residual
     epilogues) on random inputs with the row counts the fast path forms: its token batches, each rounded up
-    to ``Linear.ROWS``, the FFN in ``PackedBlock.FFN_ROWS`` chunks. No tokenizer, attention, LayerNorm,
+    to ``linear.ROWS``, the FFN in ``PackedBlock.ffn_rows`` chunks. No tokenizer, attention, LayerNorm,
     packing or pooling. Timed in the same interleaved turns as the systems; its time plus the attention
     FLOPs at the peak is the GEMM bound, the fastest this machine's GEMM library runs these linears.
     """
 
     def __init__(self, encoder, lengths: dict[str, int]):
-        from minisbert.fast.packed import PackedBlock
-
-        self.forward = encoder._packed.forward
+        self.forward = encoder.runner.forward
         self.blocks = self.forward.blocks
-        self.lengths, self.max_tokens, self.step = lengths, encoder.max_seq_length, PackedBlock.FFN_ROWS
+        self.lengths, self.max_tokens, self.step = lengths, encoder.max_seq_length, self.blocks[0].ffn_rows
         self.width = self.blocks[0].attn_ln.weight.shape[0]
         self.inputs: dict[int, torch.Tensor] = {}
 
@@ -416,7 +414,7 @@ def main(argv=None) -> dict:
     ours = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, fast=True)
     ours.max_seq_length = min(args.max_seq_length, ours.max_seq_length)
     lengths = [len(ids) for ids in ours.tokenizer.encode_ids(texts)]
-    systems = {f"minisbert[{ours._packed.forward.backend}]": ours}
+    systems = {f"minisbert[{ours.runner.forward.backend}]": ours}
     if args.quantize:
         int8 = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, quantize=args.quantize)
         int8.max_seq_length = ours.max_seq_length

@@ -218,8 +218,8 @@ def test_position_cache_is_lazy_exact_and_invalidated(checkpoint):
     enc = SentenceEncoder.from_pretrained(checkpoint("everything"), fast=True)
     if not enc.fast:
         pytest.skip("no fast path for this config")
-    model, forward = enc.model, enc._packed.forward
-    assert forward._positions is None  # nothing computed while building on meta or loading
+    model, forward = enc.model, enc.runner.forward
+    assert not forward.positions_cached  # nothing computed while building on meta or loading
     reference = lambda: [tuple(t.clone() if t is not None else None for t in pair)  # noqa: E731
                          for pair in model.position_projections()]
     with torch.inference_mode():

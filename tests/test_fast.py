@@ -16,18 +16,13 @@ import torch
 from conftest import REPO, corpus, load_script, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder
-from minisbert.fast import deberta_v2 as fast_deberta
-from minisbert.fast import heap
-from minisbert.fast import linear as fast_linear
-from minisbert.fast import packed as fast_packed
-from minisbert.fast.deberta_v2 import FastDebertaV2, diagonals, is_shift
-from minisbert.fast.heap import raise_mmap_threshold
+from minisbert.fast.deberta_v2 import diagonals, is_shift
 from minisbert.fast.int8 import onednn_int8_usable
 from minisbert.fast.linear import mkldnn_usable
-from minisbert.fast.packed import PackedBlock
 from minisbert.fast.packing import Packing, token_batches
-from minisbert.fast.runner import fast_forward
+from minisbert.fast.runner import PackedRunner, fast_forward
 from minisbert.modules import kernels
+from minisbert.runner import ReferenceRunner, padded_length
 
 TOL = 1e-5
 ARCHS = ["bert", "roberta", "deberta-v2"]
@@ -163,18 +158,40 @@ def test_packing_filler_rows_hand_sized():
     assert Packing(masks, rows_multiple=3).rows == 6  # already a multiple: no filler
 
 
+def packed_embed(encoder: SentenceEncoder, texts: list[str], forward=None, batch_size: int = 32,
+                 **options) -> np.ndarray:
+    """(N, C) pooled vectors of ``texts`` in input order, through a ``PackedRunner`` over ``forward``
+    (default: ``fast_forward(encoder.model, **options)``, the variant a test compares), batched as
+    ``encode`` batches them."""
+    forward = forward or fast_forward(encoder.model, **options)
+    runner = PackedRunner(forward, encoder.tokenizer.pad_id, encoder.pooling.modes, encoder.max_tokens)
+    ids = encoder.tokenizer.encode_ids(texts)
+    rows = [None] * len(texts)
+    with torch.inference_mode():
+        for batch in runner.batches(ids, batch_size, encoder.max_seq_length):
+            for i, row in zip(batch, runner.embed([ids[i] for i in batch])):
+                rows[i] = row
+    return torch.stack(rows).numpy()
+
+
+def test_packed_embed_is_what_encode_pools(tiny_models):
+    """The tests' variant runner gives the default fast path's own vectors (the tiny BERT has no modules
+    after Pooling), so comparing variants through it compares what ``encode`` would return."""
+    encoder = load(tiny_models, "bert")
+    runner_or_skip(encoder, "bert")
+    texts = corpus(40)
+    assert max_diff(packed_embed(encoder, texts), encoder.encode(texts)) == 0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_runner_returns_real_rows_only(arch, tiny_models):
     encoder = load(tiny_models, arch)
     runner_or_skip(encoder, arch)
-    runner = encoder._packed.forward
-    runner.rows_multiple = 32  # force filler rows whatever the linear backend
     groups = [encoder.tokenizer.pad(encoder.tokenizer.encode_ids(corpus(5)), "cpu")]
-    x, layout = runner(groups)
+    x, layout = fast_forward(encoder.model, rows_multiple=32)(groups)  # filler rows whatever the backend
     assert layout.rows % 32 == 0 and layout.rows > layout.n
     assert x.shape[0] == layout.n == int(groups[0][1].sum())
-    runner.rows_multiple = 1
-    y, _ = runner(groups)
+    y, _ = fast_forward(encoder.model, rows_multiple=1)(groups)
     assert max_diff(x, y) <= TOL  # filler rows do not touch the real ones
 
 
@@ -182,17 +199,14 @@ def test_deberta_attention_chunks_equal_whole_groups(tiny_models):
     """Attention in chunks of texts (the CPU's cache-sized chunks) is the same function as whole groups."""
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
-    runner = encoder._packed.forward
     texts = corpus(40)
-    runner.CHUNK_BYTES = 1 << 40  # one chunk per group
-    whole = encoder.encode(texts)
-    runner.CHUNK_BYTES = 1  # one text per chunk
-    assert max_diff(encoder.encode(texts), whole) <= TOL
+    whole = packed_embed(encoder, texts, chunk_bytes=1 << 40)  # one chunk per group
+    assert max_diff(packed_embed(encoder, texts, chunk_bytes=1), whole) <= TOL  # one text per chunk
 
 
 def test_deberta_relative_gemm_widths(tiny_models, monkeypatch):
-    """The c2p/p2c GEMMs take the reachable table rows rounded up to ROUND (cut at the table's end);
-    the extra columns are never read, so the embeddings equal those of the exact widths."""
+    """The c2p/p2c GEMMs take the reachable table rows rounded up to ``round_to`` (cut at the table's
+    end); the extra columns are never read, so the embeddings equal those of the exact widths."""
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
     texts = corpus(40)
@@ -203,13 +217,11 @@ def test_deberta_relative_gemm_widths(tiny_models, monkeypatch):
         widths.append(b.shape[-1])
         return matmul(a, b)
 
-    monkeypatch.setattr(torch, "matmul", recording)
-    monkeypatch.setattr(FastDebertaV2, "ROUND", 1)
-    exact = encoder.encode(texts)
+    monkeypatch.setattr(torch, "matmul", recording)  # records every GEMM width, changes nothing
+    exact = packed_embed(encoder, texts, round_to=1)
     assert any(w % 16 for w in widths)  # odd widths 2T - 1 without the rounding
     widths.clear()
-    monkeypatch.setattr(FastDebertaV2, "ROUND", 16)
-    assert max_diff(encoder.encode(texts), exact) <= TOL
+    assert max_diff(packed_embed(encoder, texts, round_to=16), exact) <= TOL
     assert widths and all(w % 16 == 0 for w in widths)  # these texts stay far from the table's end
 
 
@@ -232,39 +244,32 @@ def test_relative_shift_by_hand():
     assert diagonals(torch.arange(36.0).view(1, 6, 6), b=2, T=3)[0, 1, 0].tolist() == [20.0, 21.0, 22.0]
 
 
-def test_deberta_relative_shift_equals_gather(tiny_models, monkeypatch):
+def test_deberta_relative_shift_equals_gather(tiny_models):
     """Strided views of the c2p/p2c scores (upside-down key table for c2p) equal the gathers they
     replace (bit for bit on the machines measured; the GEMM may round a column differently elsewhere),
     and are what runs for short texts."""
     encoder = load(tiny_models, "deberta-v2")
     runner_or_skip(encoder, "deberta-v2")
     texts = corpus(40)
-    monkeypatch.setattr(fast_deberta, "is_shift", lambda rp: False)
-    encoder._packed.forward._relative.clear()
-    gathered = encoder.encode(texts)
-    monkeypatch.undo()
-    encoder._packed.forward._relative.clear()
-    calls = []
-    def recording(scores, b, T):
-        calls.append(T)
-        return diagonals(scores, b, T)
-
-    monkeypatch.setattr(fast_deberta, "diagonals", recording)
-    shifted = encoder.encode(texts)
-    assert calls and max(calls) <= 128  # two per attention chunk: c2p and p2c
+    gathering = fast_forward(encoder.model, relative_shift=False)
+    shifting = fast_forward(encoder.model)
+    gathered, shifted = packed_embed(encoder, texts, gathering), packed_embed(encoder, texts, shifting)
+    lengths = {padded_length(len(ids), encoder.max_tokens) for ids in encoder.tokenizer.encode_ids(texts)}
+    # Each padded length's attention takes strided views exactly where its relative positions are a shift.
+    views = [T for T in lengths if shifting.relative(T)[1]]
+    assert views and max(views) <= 128
+    assert not any(gathering.relative(T)[1] for T in lengths)
     assert max_diff(shifted, gathered) <= TOL
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_ffn_row_chunks_equal_whole_batch(arch, tiny_models, monkeypatch):
+def test_ffn_row_chunks_equal_whole_batch(arch, tiny_models):
     """The CPU's FFN row chunks (with the residual added in place) are the same function as one pass."""
     encoder = load(tiny_models, arch)
     runner_or_skip(encoder, arch)
     texts = corpus(40)
-    monkeypatch.setattr(PackedBlock, "FFN_ROWS", 0)
-    whole = encoder.encode(texts)
-    monkeypatch.setattr(PackedBlock, "FFN_ROWS", 32)  # several chunks and a tail per batch
-    assert max_diff(encoder.encode(texts), whole) <= TOL
+    whole = packed_embed(encoder, texts, ffn_rows=0)
+    assert max_diff(packed_embed(encoder, texts, ffn_rows=32), whole) <= TOL  # several chunks and a tail per batch
 
 
 def test_token_batches_hand_sized():
@@ -314,7 +319,7 @@ def test_fast_equals_reference(arch, backend, tiny_models, monkeypatch):
     monkeypatch.setenv("MINISBERT_LINEAR", backend)
     ours = load(tiny_models, arch, fast=True)
     runner_or_skip(ours, arch)
-    assert ours._packed.forward.backend == backend
+    assert ours.runner.forward.backend == backend
     reference = load(tiny_models, arch, fast=False)
     assert not reference.fast
     texts = corpus(70) + ["", "한국어 " * 300, "a"]
@@ -349,7 +354,7 @@ def test_fast_selection_auto_env_and_override(tiny_models, monkeypatch):
     encoder = load(tiny_models, "bert")
     assert encoder.fast  # automatic: on where supported
     encoder.fast = False
-    assert not encoder.fast and encoder._packed is None
+    assert not encoder.fast and isinstance(encoder.runner, ReferenceRunner)
     monkeypatch.setenv("MINISBERT_FAST", "0")
     assert not load(tiny_models, "bert").fast
     assert load(tiny_models, "bert", fast=True).fast  # an explicit argument beats the environment
@@ -386,18 +391,16 @@ def test_parse_cpuinfo_hand_sized():
 
 @pytest.mark.parametrize("flags, warns", [(("avx2", "avx512f"), True), (("avx2", "avx512f", "avx512_bf16"), False),
                                           (("avx2", "avx512f", "amx_bf16"), False)])
-def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, monkeypatch, caplog):
+def test_bf16_warning_without_native_bf16(flags, warns, tiny_models, caplog):
     """AVX-512 without AVX512_BF16 or AMX-BF16 runs bf16 emulated: that warns too, not only a CPU where
     oneDNN refuses bf16."""
     from minisbert.fast.cpu import CpuKind
 
     if not mkldnn_usable(torch.bfloat16):
         pytest.skip("oneDNN refuses bf16 here (that case always warns)")
-    for module in (fast_linear, fast_packed):  # native_half and the warning read the CPU kind
-        monkeypatch.setattr(module, "cpu_kind", lambda: CpuKind("test CPU", 6, 85, "AVX512", flags))
     model = load(tiny_models, "bert", dtype=torch.bfloat16).model
     with caplog.at_level(logging.WARNING, logger="minisbert"):
-        fast_forward(model)
+        fast_forward(model, cpu=CpuKind("test CPU", 6, 85, "AVX512", flags))  # the CPU the warning judges
     said = [r.message for r in caplog.records if "several times slower" in r.message]
     assert bool(said) == warns, said
     if warns:
@@ -476,23 +479,45 @@ def test_primed_heap_serves_big_tensors_without_fresh_mappings():
     assert mapped["primed"] == 0, mapped
 
 
-def test_fast_runner_on_cpu_primes_the_heap(tiny_models, monkeypatch):
-    encoder = load(tiny_models, "bert")
-    calls = []
-    monkeypatch.setattr(fast_packed, "raise_mmap_threshold", lambda: calls.append(True))
-    fast_forward(encoder.model)
-    assert calls == [True]
+# A fresh process each (priming is once per process): what the heap module says at each step.
+PRIMING_CHILD = r"""
+import os, sys
+from minisbert.fast import heap
+
+if sys.argv[1] == "runner":
+    from minisbert import SentenceEncoder
+    from minisbert.fast.runner import fast_forward
+
+    model = SentenceEncoder.from_pretrained(sys.argv[2], fast=False).model
+    steps = [heap.primed()]
+    fast_forward(model)
+    steps.append(heap.primed())
+else:
+    os.environ["MINISBERT_HEAP"] = "0"
+    steps = [heap.raise_mmap_threshold(), heap.primed()]
+    del os.environ["MINISBERT_HEAP"]
+    steps += [heap.raise_mmap_threshold(), heap.raise_mmap_threshold(), heap.primed()]
+print(steps)
+"""
 
 
-def test_heap_priming_once_and_off_by_env(monkeypatch):
-    monkeypatch.setattr(heap, "_HEAP_PRIMED", [])
-    monkeypatch.setenv("MINISBERT_HEAP", "0")
-    raise_mmap_threshold()
-    assert heap._HEAP_PRIMED == []
-    monkeypatch.delenv("MINISBERT_HEAP")
-    raise_mmap_threshold()
-    raise_mmap_threshold()
-    assert heap._HEAP_PRIMED == [True]
+def priming_steps(*args) -> list[bool]:
+    env = {k: v for k, v in os.environ.items() if k != "MINISBERT_HEAP"}
+    out = subprocess.run([sys.executable, "-c", PRIMING_CHILD, *args], capture_output=True, text=True, timeout=120,
+                         env=env, check=True)
+    return json.loads(out.stdout.split("\n")[-2].lower())
+
+
+def test_fast_runner_on_cpu_primes_the_heap(tiny_models):
+    path = tiny_models["bert"]
+    if isinstance(path, Exception):
+        pytest.skip(f"no tiny bert: {path}")
+    assert priming_steps("runner", str(path)) == [False, True]  # loading does not prime; the fast runner does
+
+
+def test_heap_priming_once_and_off_by_env():
+    # Off by MINISBERT_HEAP=0: nothing primed; then primed by the first call only.
+    assert priming_steps("calls") == [False, False, True, False, True]
 
 
 def test_respects_torch_threads(tiny_models):
@@ -565,7 +590,7 @@ def test_bench_gemm_bound_times_the_fast_paths_own_gemms(arch, tiny_models, monk
     encoder = load(tiny_models, arch)
     runner_or_skip(encoder, arch)
     texts = corpus(70) + [" ".join(corpus(40)[i: i + 12]) for i in range(0, 36, 6)]  # some cut at 128 tokens
-    block = encoder._packed.forward.blocks[0]
+    block = encoder.runner.forward.blocks[0]
     seen, qkv = [], block.qkv
 
     def recording(x):
@@ -662,6 +687,6 @@ def test_linear_add_is_the_residual_sum(backend):
         pytest.skip("oneDNN linear is not available")
     torch.manual_seed(0)
     lin = Linear(torch.randn(96, 128), torch.randn(96), backend)
-    for n in (64, 70):  # a multiple of Linear.ROWS (fused on oneDNN) and not
+    for n in (64, 70):  # a multiple of linear.ROWS (fused on oneDNN) and not
         x, residual = torch.randn(n, 128), torch.randn(n, 96)
         assert torch.equal(lin.add(x, residual), residual + lin(x)), n

@@ -612,6 +612,20 @@ def test_module_paths_sentence_transformers_does_not_load_as_pooling_are_refused
         SentenceEncoder.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("index, key, value", [(1, "type", "sentence_transformers.models.Pooling\0"),
+                                               (1, "path", "1_Pooling\0"), (0, "path", "\0"),
+                                               (0, "type", "\0sentence_transformers.models.Transformer")])
+def test_nul_byte_in_a_module_entry_names_the_file_and_key(tiny, tmp_path, index, key, value):
+    """A NUL byte in a module's type or path is a ConfigError naming modules.json and the key, not the
+    bare ValueError ("embedded null byte") that opening such a path raises."""
+    folder = copy_of(tiny, tmp_path)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[index][key] = value
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConfigError, match=rf"modules\.json: module {key} .* contains a NUL byte"):
+        SentenceEncoder.from_pretrained(folder)
+
+
 def test_current_module_paths_load(tiny, tmp_path):
     """A folder saved by sentence-transformers 6.2 (its own module paths) loads and equals it."""
     folder = tmp_path / "saved"

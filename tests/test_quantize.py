@@ -9,12 +9,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import corpus, make_checkpoint, require_shared_data
+from conftest import corpus, make_checkpoint, require_shared_data, st_model
+from test_fast import packed_embed
 
 from minisbert import SentenceEncoder, cli
-from minisbert.fast import linear as fast_linear
 from minisbert.fast.int8 import hadamard, onednn_int8_usable, quantize_rows, rotate
 from minisbert.fast.linear import Linear, mkldnn_usable
+from minisbert.quantize import quantize_embeddings
 
 ARCHS = ["bert", "roberta", "deberta-v2"]
 TOL = 1e-5
@@ -58,7 +59,7 @@ def test_hadamard_is_orthonormal_and_rotates_blocks():
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("rotate_input, act, packed", [(False, None, True), (True, None, True), (True, "gelu", True),
                                                         (True, None, False)])
-def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed, monkeypatch):
+def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed):
     """y = (q_x s_x)(q_w s_w)^T + b: the integer products exact, one scale per token and per output
     channel, the block rotation applied to both sides; through oneDNN and through torch._int_mm, the
     rotation through oneDNN's prepacked GEMM and through ``x @ h``."""
@@ -66,12 +67,10 @@ def test_int8_linear_is_its_definition(onednn, rotate_input, act, packed, monkey
         pytest.skip("oneDNN's int8 linear does not run here")
     if packed and not mkldnn_usable():
         pytest.skip("oneDNN's fp32 linear does not run here")
-    monkeypatch.setattr(fast_linear, "onednn_int8_usable", lambda: onednn)
-    monkeypatch.setattr(fast_linear, "mkldnn_usable", lambda dtype=torch.float32: packed)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g)
-    x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of Linear.ROWS
-    lin = Linear(w, b, "int8", act=act, rotate_input=rotate_input)
+    x = torch.randn(70, 128, generator=g)  # 70 rows: not a multiple of linear.ROWS
+    lin = Linear(w, b, "int8", act=act, rotate_input=rotate_input, onednn=onednn, packed_rotation=packed)
     assert lin.onednn == onednn and (lin.rotation_packed is not None) == (packed and rotate_input)
     h = hadamard(64)
     turn = (lambda t: rotate(t, h)) if rotate_input else (lambda t: t)
@@ -102,9 +101,9 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_close_to_fp32_and_off_by_default(arch, tiny_models):
     exact = SentenceEncoder.from_pretrained(tiny_models[arch])
-    assert exact.quantize is None and exact._packed.forward.backend != "int8"  # off unless asked for
+    assert exact.quantize is None and exact.runner.forward.backend != "int8"  # off unless asked for
     quantized = SentenceEncoder.from_pretrained(tiny_models[arch], quantize="int8")
-    assert quantized.quantize == "int8" and quantized._packed.forward.backend == "int8"
+    assert quantized.quantize == "int8" and quantized.runner.forward.backend == "int8"
     texts = corpus(60) + ["", "한국어 " * 300]
     want, got = exact.encode(texts), quantized.encode(texts)
     cos = cosines(got, want)
@@ -116,15 +115,16 @@ def test_int8_close_to_fp32_and_off_by_default(arch, tiny_models):
 
 
 @needs_int8
-def test_minilm_int8_cosine_to_fp32(minilm_path, monkeypatch):
+def test_minilm_int8_cosine_to_fp32(minilm_path):
     """The real all-MiniLM-L6-v2: every embedding within cosine 0.99 of fp32, and the rotation is what
     gets it there (its LayerNorm outputs hold outlier channels)."""
     texts = corpus(300)
     want = SentenceEncoder.from_pretrained(minilm_path).encode(texts)
     rotated = cosines(SentenceEncoder.from_pretrained(minilm_path, quantize="int8").encode(texts), want)
     assert rotated.min() >= 0.99, f"min cosine {rotated.min():.5f}"
-    monkeypatch.setattr(fast_linear, "ROTATION", 1)  # blocks of one column: no rotation
-    plain = cosines(SentenceEncoder.from_pretrained(minilm_path, quantize="int8").encode(texts), want)
+    # Blocks of one column: no rotation (the pooled vectors before Normalize: the same cosines).
+    plain = cosines(packed_embed(SentenceEncoder.from_pretrained(minilm_path), texts, quantize="int8",
+                                 rotation_block=1), want)
     assert 1 - rotated.min() < (1 - plain.min()) / 2, (rotated.min(), plain.min())
 
 
@@ -160,7 +160,7 @@ def test_int8_encoder_stays_int8(tiny_models, monkeypatch, caplog):
     path = tiny_models["bert"]
     monkeypatch.setenv("MINISBERT_FAST", "0")
     encoder = SentenceEncoder.from_pretrained(path, quantize="int8")
-    assert encoder.fast and encoder._packed.forward.backend == "int8"
+    assert encoder.fast and encoder.runner.forward.backend == "int8"
     with pytest.raises(ValueError, match="fast=False"):
         encoder.fast = False
     texts = corpus(20)
@@ -194,3 +194,42 @@ def test_cli_quantize_checked_before_loading(capsys, monkeypatch):
     assert code == 2 and "float32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["encode", "--model", "all-MiniLM-L6-v2", "--quantize", "int4", "x"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized embeddings (precision=), byte for byte as sentence-transformers
+
+
+def test_range_edges_quantize_as_sentence_transformers():
+    """At a dimension's maximum, (max - min) / step is 255 only up to float32 rounding: here 255.00002
+    (clipped to 255, never wrapped to 0) and 254.99998 (floored to 254), as sentence-transformers does."""
+    from sentence_transformers.util import quantize_embeddings as st_quantize
+
+    tokens = [np.array([[0.1257302165031433, 0.10490011423826218], [0.8591880202293396, 0.281821072101593]],
+                       dtype=np.float32), np.array([[0.5, 0.2]], dtype=np.float32)]
+    for precision, top in (("uint8", [255, 254]), ("int8", [127, 126])):
+        got, want = quantize_embeddings(tokens, precision), st_quantize(tokens, precision)
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want)), precision
+        assert got[0][1].tolist() == top, precision
+        assert np.array_equal(quantize_embeddings(np.concatenate(tokens), precision), st_quantize(np.concatenate(
+            tokens), precision)), precision
+
+
+@pytest.mark.parametrize("precision", ["uint8", "int8"])
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_token_embeddings_quantized_as_sentence_transformers(model, precision, tiny_models, request):
+    """``encode_query(output_value="token_embeddings", precision=..., truncate_dim=...)``: the same bytes
+    as sentence-transformers (ranges shared by all the call's tokens; truncate_dim cuts only sentence
+    embeddings, in both)."""
+    path = tiny_models["bert"] if model == "tiny" else request.getfixturevalue("minilm_path")
+    ours, st = SentenceEncoder.from_pretrained(path), st_model(path)
+    texts = corpus(50, seed=4) + ["", "a"]
+    for truncate_dim in (None, 16):
+        kwargs = dict(output_value="token_embeddings", precision=precision, truncate_dim=truncate_dim)
+        got, want = ours.encode_query(texts, **kwargs), st.encode_query(texts, **kwargs)
+        assert type(got) is type(want) and len(got) == len(want) == len(texts)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape, (truncate_dim, i)
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+            assert not diff.any(), f"truncate_dim={truncate_dim} text {i}: {int((diff > 0).sum())} bytes differ, " \
+                                   f"by up to {diff.max()}"

@@ -24,21 +24,51 @@ from minisbert.runner import to_device
 log = logging.getLogger("minisbert")
 
 
+# On the CPU, attention runs on chunks of texts whose (H, b*T, R) relative-score GEMM output stays
+# within a few MiB, so the pick of its scores reads them from cache instead of memory: 4.9% faster for
+# DeBERTa-v2 base in an in-process A/B (8.39 vs 8.80 s for 256 texts, 5 repetitions; 16-32 MiB gained
+# less), bitwise the same embeddings (``python scripts/tune_fast.py --model random-deberta --n 256
+# --chunk-mib 4,8,16,32,inf``). On CUDA the whole group is one launch.
+CHUNK_BYTES = 8 << 20
+# The relative-score GEMMs take a multiple of this many table rows: MKL's batched GEMM with K = 64 ran
+# 1.3-1.6x faster at such widths (T = 8-128, in isolation), 16% less time in these GEMMs in place (256
+# texts), the same embeddings bit for bit (``python scripts/tune_fast.py --model random-deberta --n 256
+# --round-to 1,8,16,32``).
+ROUND = 16
+
+
 class FastDebertaV2(FastEncoder):
     """``models.deberta_v2.DebertaV2Model``: the c2p/p2c terms and the padding become one additive
-    bias for ``scaled_dot_product_attention``, whose own scale is DeBERTa's 1/sqrt(D * (1 + terms))."""
+    bias for ``scaled_dot_product_attention``, whose own scale is DeBERTa's 1/sqrt(D * (1 + terms)).
 
-    # On the CPU, attention runs on chunks of texts whose (H, b*T, R) relative-score GEMM output stays
-    # within a few MiB, so the pick of its scores reads them from cache instead of memory: 4.9% faster
-    # for DeBERTa-v2 base in an in-process A/B (8.39 vs 8.80 s for 256 texts, 5 repetitions; 16-32 MiB
-    # gained less), bitwise the same embeddings. On CUDA the whole group is one launch.
-    CHUNK_BYTES = 8 << 20
-    ROUND = 16  # relative-score GEMMs take a multiple of this many table rows
+    ``round_to`` and ``chunk_bytes``: see ROUND and CHUNK_BYTES; ``relative_shift=False`` always
+    gathers the c2p/p2c scores instead of taking strided views (``diagonals``), the path they replace.
+    Other keywords as ``FastEncoder``'s."""
 
-    def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None):
-        super().__init__(model, backend, quantize)
+    def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None, *,
+                 round_to: int = ROUND, chunk_bytes: int = CHUNK_BYTES, relative_shift: bool = True, **options):
+        super().__init__(model, backend, quantize, **options)
+        self.round_to, self.chunk_bytes, self.relative_shift = round_to, chunk_bytes, relative_shift
         self._relative = {}  # T -> (RelativePositions on the model's device, whether they are a shift)
         self._positions: tuple[tuple, list] | None = None  # (parameter versions, per-block (pos_k, pos_q))
+
+    @property
+    def positions_cached(self) -> bool:
+        """Whether ``position_projections`` has computed and kept the projections."""
+        return self._positions is not None
+
+    def relative(self, T: int) -> tuple[RelativePositions, bool]:
+        """The relative positions of padded length ``T`` on the model's device, and whether they are a
+        shift (``is_shift``: then c2p/p2c are strided views), kept for the 16 lengths used last."""
+        if T not in self._relative:
+            if len(self._relative) >= 16:  # (T, T) int64 tables: bound the memory as the CPU cache does
+                self._relative.clear()
+            cfg = self.model.config
+            with torch.inference_mode(False):  # usable outside inference mode too
+                rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
+                self._relative[T] = (RelativePositions(*(to_device(t, self.device) for t in rp[:3]), rp.rows),
+                                     self.relative_shift and is_shift(rp))
+        return self._relative[T]
 
     def position_projections(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """The model's per-block (pos_k, pos_q), (H, 2S, D) each: input-independent, so computed once
@@ -53,22 +83,12 @@ class FastDebertaV2(FastEncoder):
         return self._positions[1]
 
     def forward(self, groups: Batch) -> tuple[torch.Tensor, Packing]:
-        model, cfg = self.model, self.model.config
+        model = self.model
         layout = self.layout(groups)
         groups = self.on_device(groups)
         # The reference embedding on each padded group (cheap: a lookup and a LayerNorm), then packed.
         x = layout.unpad([model.embed(ids, mask) for ids, mask in groups])  # (rows, C)
-        rel = []  # per group: relative-position buckets for its length, sent to the device once per length
-        for ids, _ in groups:
-            T = ids.shape[1]
-            if T not in self._relative:
-                if len(self._relative) >= 16:  # (T, T) int64 tables: bound the memory as the CPU cache does
-                    self._relative.clear()
-                with torch.inference_mode(False):  # usable outside inference mode too
-                    rp = relative_positions(T, cfg.att_span, cfg.position_buckets, cfg.max_relative)
-                    self._relative[T] = (RelativePositions(*(to_device(t, x.device) for t in rp[:3]), rp.rows),
-                                         is_shift(rp))
-            rel.append(self._relative[T])
+        rel = [self.relative(ids.shape[1]) for ids, _ in groups]  # per group: its length's buckets
         # Pad keys get the dtype's minimum, as the reference's masked_fill; pad query rows are dropped.
         pad_keys = [padding_bias(mask, x.dtype) for _, mask in groups]  # each (b, 1, 1, T)
         for block, ref, (pos_k, pos_q) in zip(self.blocks, model.blocks, self.position_projections()):
@@ -112,12 +132,10 @@ class FastDebertaV2(FastEncoder):
                 b, H, T, _ = q.shape
                 rp, shift = rel[g]
                 # The relative-score GEMMs take the R = 2T - 1 reachable table rows and the next ones up
-                # to a multiple of ROUND (never read; the table's end may cut them short): MKL's batched
-                # GEMM with K = 64 runs 1.3-1.6x faster at such widths (T = 8-128, in isolation), 16%
-                # less time in these GEMMs in place (256 texts), the same embeddings bit for bit.
-                R = -(-(rp.rows.stop - rp.rows.start) // self.ROUND) * self.ROUND
+                # to a multiple of ``round_to`` (never read; the table's end may cut them short; ROUND).
+                R = -(-(rp.rows.stop - rp.rows.start) // self.round_to) * self.round_to
                 cols = slice(rp.rows.start, rp.rows.start + R)
-                step = max(1, self.CHUNK_BYTES // (H * T * R * q.element_size())) if q.device.type == "cpu" else b
+                step = max(1, self.chunk_bytes // (H * T * R * q.element_size())) if q.device.type == "cpu" else b
                 if step >= b:
                     return heads(q, k, v, pad_keys[g], rp, shift, cols)
                 return torch.cat([heads(q[s: s + step], k[s: s + step], v[s: s + step], pad_keys[g][s: s + step],

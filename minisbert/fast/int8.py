@@ -22,6 +22,8 @@ log = logging.getLogger("minisbert")
 # outputs too), and one outlier sets the whole token's scale. Turning each 64 columns of the input by a
 # Hadamard rotation (and the weight's the same way, so x W^T is unchanged) spreads them over the block:
 # all-MiniLM-L6-v2 on KorSTS, lowest cosine to fp32 0.987 plain, 0.9986 rotated (QuaRot's idea).
+# ``python scripts/tune_fast.py --model all-MiniLM-L6-v2 --n 512 --rotation-block 1,16,32,64,128`` prints
+# each block size's lowest cosine to fp32 and its int8 encode time.
 ROTATION = 64
 
 

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from minisbert.fast.cpu import cpu_kind
+from minisbert.fast.cpu import CpuKind, cpu_kind
 from minisbert.fast.int8 import ROTATION, hadamard, onednn_int8_usable, quantize_rows, rotate
 from minisbert.models.bert import ACTIVATIONS
 
@@ -35,13 +35,13 @@ def mkldnn_usable(dtype: torch.dtype = torch.float32) -> bool:
     return True
 
 
-def native_half(dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` (bf16 or fp16) GEMMs run natively on this CPU. oneDNN refuses them without AVX-512
-    or AMX; with AVX-512 but without AVX512_BF16 or AMX-BF16 it runs bf16 emulated, several times slower
-    than fp32."""
+def native_half(dtype: torch.dtype, cpu: CpuKind | None = None) -> bool:
+    """Whether ``dtype`` (bf16 or fp16) GEMMs run natively on this CPU (``cpu``: the flags to judge by;
+    None: this machine's). oneDNN refuses them without AVX-512 or AMX; with AVX-512 but without
+    AVX512_BF16 or AMX-BF16 it runs bf16 emulated, several times slower than fp32."""
     if not mkldnn_usable(dtype):
         return False
-    return dtype != torch.bfloat16 or cpu_kind().native_bf16 is not False
+    return dtype != torch.bfloat16 or (cpu or cpu_kind()).native_bf16 is not False
 
 
 def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -60,16 +60,34 @@ def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "aten"
 
 
+# oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per batch's
+# token count grew the process by 2.4 GB over 100k texts (``python scripts/memory_bench.py --n 100000``
+# before the rows were rounded). Row counts are multiples of ROWS (the packed layout is padded once per
+# forward, ``Packing(rows_multiple=...)``), which bounds the shapes and keeps every GEMM above 1 row,
+# the one count oneDNN rounds differently.
+ROWS = 32
+# MKL picks other kernels (other rounding) for a few rows: 1-3, 5-7 and 9-11 rows differ from the same
+# rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX (1-15 at BERT's
+# shapes in a later run; ``python scripts/tune_fast.py --mkl-rows`` prints the counts on this CPU). Zero rows
+# up to MKL_ROWS keep a text's embedding the same whatever else shares its batch.
+MKL_ROWS = 16
+
+
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """(N, K) -> (rows, K) with zero rows appended (x itself when N == rows)."""
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
 class Linear:
-    """y = x W^T + b with the weight prepared once for the chosen backend; ``act`` is fused if it can be."""
+    """y = x W^T + b with the weight prepared once for the chosen backend; ``act`` is fused if it can be.
+
+    int8 only: ``rotation_block`` is the Hadamard block of ``rotate_input`` (1: none); ``onednn`` and
+    ``packed_rotation`` pick oneDNN's int8 GEMM over ``torch._int_mm`` and oneDNN's fp32 GEMM for the
+    rotation over ``x @ h`` (None: wherever they run here), so each kernel can be tested against the other."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, act: str | None = None,
-                 rotate_input: bool = False):
+                 rotate_input: bool = False, rotation_block: int = ROTATION, onednn: bool | None = None,
+                 packed_rotation: bool | None = None):
         self.backend = backend
         self.act = act
         self.bias = bias
@@ -78,16 +96,17 @@ class Linear:
         elif backend == "int8":
             # ``rotate_input``: each input turned by a block Hadamard rotation before it is quantized (see
             # ROTATION), the weight's columns the same way once here. Blocks of 64 columns, fewer if K needs.
-            self.rotation = hadamard(math.gcd(weight.shape[1], ROTATION)) if rotate_input else None
+            self.rotation = hadamard(math.gcd(weight.shape[1], rotation_block)) if rotate_input else None
             if self.rotation is not None:
                 weight = rotate(weight, self.rotation)
             q, scale = quantize_rows(weight)  # (out, in) int8, (out, 1): one scale per output channel
             self.scale = scale.squeeze(1)  # (out,)
-            self.onednn = onednn_int8_usable()
+            self.onednn = onednn_int8_usable() if onednn is None else onednn
             # The rotation as oneDNN's prepacked fp32 GEMM on (N * K / 64, 64) rows where it runs: the same
             # values as ``x @ h`` here, and BERT base's int8 encode 6% faster (median of 5 interleaved passes).
+            packed_rotation = mkldnn_usable() if packed_rotation is None else packed_rotation
             self.rotation_packed = torch.ops.mkldnn._reorder_linear_weight(self.rotation.t().contiguous()) \
-                if self.rotation is not None and mkldnn_usable() else None
+                if self.rotation is not None and packed_rotation else None
             if self.onednn:  # VNNI / AMX-INT8 kernels, weights pre-packed
                 self.weight = torch.ops.onednn.qlinear_prepack(q, None)
                 self.zero = torch.zeros_like(self.scale, dtype=torch.long)
@@ -98,29 +117,20 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        if self.backend in ("mkldnn", "int8"):
-            # oneDNN keeps a primitive (JIT code and buffers) per input shape it has seen: one shape per
-            # batch's token count grew the process by 2.4 GB over 100k texts. Row counts are multiples
-            # of ROWS (the packed layout is padded once per forward, ``Packing(rows_multiple=...)``), which
-            # bounds the shapes and keeps every GEMM above 1 row, the one count oneDNN rounds differently.
+        if self.backend in ("mkldnn", "int8"):  # a multiple of ROWS rows (see there)
             run = self._int8 if self.backend == "int8" else self._onednn
-            if N % self.ROWS:
-                return run(pad_rows(x, -(-N // self.ROWS) * self.ROWS))[:N]
+            if N % ROWS:
+                return run(pad_rows(x, -(-N // ROWS) * ROWS))[:N]
             return run(x)
-        if N < 16:
-            # MKL picks other kernels (other rounding) for a few rows: 1-3, 5-7 and 9-11 rows differ from
-            # the same rows inside a larger GEMM on AMD Zen 3/4, 1-8 and 12-15 on an Intel Xeon with AMX.
-            # Zero rows up to 16 keep a text's embedding the same whatever else shares its batch.
-            return self(pad_rows(x, 16))[:N]
+        if N < MKL_ROWS:  # at least MKL_ROWS rows (see there)
+            return self(pad_rows(x, MKL_ROWS))[:N]
         y = F.linear(x, self.weight, self.bias)
         return ACTIVATIONS[self.act](y) if self.act else y
-
-    ROWS = 32
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + (x W^T + b), for a layer without activation. oneDNN adds the residual in the GEMM's
         epilogue (a "sum" post-op: bitwise the same as the separate add, one pass over memory less)."""
-        if self.backend == "mkldnn" and not self.act and x.shape[0] % self.ROWS == 0:
+        if self.backend == "mkldnn" and not self.act and x.shape[0] % ROWS == 0:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         return self(x).add_(residual)
 

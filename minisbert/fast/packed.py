@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisbert.checks import check_quantize
-from minisbert.fast.cpu import cpu_kind
+from minisbert.fast.cpu import CpuKind, cpu_kind
 from minisbert.fast.heap import raise_mmap_threshold
-from minisbert.fast.linear import Linear, default_linear_backend, native_half
+from minisbert.fast.int8 import ROTATION
+from minisbert.fast.linear import ROWS, Linear, default_linear_backend, native_half
 from minisbert.fast.packing import Batch, Packing
 from minisbert.models.bert import padding_bias
 from minisbert.modules import kernels
@@ -36,30 +37,40 @@ from minisbert.runner import to_device
 
 log = logging.getLogger("minisbert")
 
+# The CPU's FFN row chunk. In-process A/B (256 texts, 4 repetitions, bitwise the same embeddings): 1024
+# rows made BERT base 4.5-7.7% faster and DeBERTa-v2 base 2.5%; 512 gave 3%, 768 and 2048 nothing
+# (``python scripts/tune_fast.py --model random-bert --n 256 --ffn-rows 0,512,768,1024,2048``). A multiple
+# of ``linear.ROWS``, so chunk and tail shapes stay few.
+FFN_ROWS = 1024
+
 
 class PackedBlock:
     """One post-LN block (BERT's or DeBERTa-v2's) on packed tokens. Weights are the reference's tensors,
     except the fused q/k/v weight and bias, which are concatenated copies made here.
 
     Attention is the only step that needs a padded layout; ``attend(g, q, k, v)`` is the architecture's
-    part for group ``g`` of the ``Packing``: each (b, H, T, D) in, (b, H, T, D) out.
+    part for group ``g`` of the ``Packing``: each (b, H, T, D) in, (b, H, T, D) out. ``ffn_rows``: the
+    FFN's row chunk on the CPU (0: one pass); ``rotation_block``: int8's Hadamard block (``Linear``).
     """
 
-    def __init__(self, block: nn.Module, backend: str, hidden_act: str):
+    def __init__(self, block: nn.Module, backend: str, hidden_act: str, ffn_rows: int = FFN_ROWS,
+                 rotation_block: int = ROTATION):
         attn = block.attn
         qkv_w = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
         qkv_b = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])  # (3C,)
         self.n_head = attn.n_head
         # int8: the inputs with outlier channels (LayerNorm and activation outputs) are rotated; the
         # attention output feeding ``out`` has none (its quantization alone: cosine 0.99985 to fp32).
-        self.qkv = Linear(qkv_w, qkv_b, backend, rotate_input=True)
+        self.qkv = Linear(qkv_w, qkv_b, backend, rotate_input=True, rotation_block=rotation_block)
         self.out = Linear(attn.out.weight, attn.out.bias, backend)
         # oneDNN fuses only exact GELU; other activations run after the GEMM.
         fuse = hidden_act == "gelu" and backend == "mkldnn"
         self.up = Linear(block.ffn.up.weight, block.ffn.up.bias, backend, act="gelu" if fuse else hidden_act,
-                         rotate_input=True)
-        self.down = Linear(block.ffn.down.weight, block.ffn.down.bias, backend, rotate_input=True)
+                         rotate_input=True, rotation_block=rotation_block)
+        self.down = Linear(block.ffn.down.weight, block.ffn.down.bias, backend, rotate_input=True,
+                           rotation_block=rotation_block)
         self.attn_ln, self.ffn_ln = block.attn_ln, block.ffn_ln
+        self.ffn_rows = ffn_rows
 
     def __call__(self, x: torch.Tensor, layout: "Packing", attend) -> torch.Tensor:
         N, C = x.shape
@@ -72,7 +83,7 @@ class PackedBlock:
             heads.append(attend(g, q, k, v).transpose(1, 2).reshape(b, T, C))
         y = layout.unpad(heads)  # (rows, C): N real tokens, then filler rows
         x = self.attn_ln(self.out.add(y, x))  # post-LN, as the reference block: LN(x + out(y))
-        step = self.FFN_ROWS if x.device.type == "cpu" else 0
+        step = self.ffn_rows if x.device.type == "cpu" else 0
         if not step or x.shape[0] <= step:
             return self.ffn_ln(self.down.add(self.up(x), x))
         # On the CPU the FFN runs on chunks of rows, so each chunk's (rows, 4C) intermediate is read back
@@ -82,32 +93,37 @@ class PackedBlock:
             torch.add(x[s: s + step], self.down(self.up(x[s: s + step])), out=h[s: s + step])
         return self.ffn_ln(h)
 
-    # Measured in-process (256 texts, 4 repetitions, bitwise the same embeddings): 1024 rows made BERT
-    # base 4.5-7.7% faster and DeBERTa-v2 base 2.5%; 512 gave 3%, 768 and 2048 nothing. A multiple
-    # of Linear.ROWS, so chunk and tail shapes stay few.
-    FFN_ROWS = 1024
-
 
 class FastEncoder:
     """Packed-token forward of a reference model: ``__call__`` gives states, ``embed`` pooled vectors.
 
-    Both take a list of groups, each a right-padded (b, T) ``input_ids`` and ``attention_mask``."""
+    Both take a list of groups, each a right-padded (b, T) ``input_ids`` and ``attention_mask``.
+    The tuned settings are keywords with their measured defaults, so a test or ``scripts/tune_fast.py``
+    builds the variant it compares: ``ffn_rows`` and ``rotation_block`` (``PackedBlock``),
+    ``rows_multiple`` (the packed layout's row multiple; None: ``linear.ROWS`` for oneDNN's backends,
+    else 1), ``cpu`` (the CPU the bf16 warning judges; None: this one)."""
 
-    def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None):
+    def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None, *,
+                 ffn_rows: int = FFN_ROWS, rotation_block: int = ROTATION, rows_multiple: int | None = None,
+                 cpu: CpuKind | None = None):
         p = next(model.parameters())
         self.model = model
         self.device = p.device
         self.quantize = check_quantize(quantize, p.device, p.dtype)
         self.backend = "int8" if quantize else backend or default_linear_backend(p.device, p.dtype)
-        if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) and not native_half(p.dtype):
+        cpu = cpu or cpu_kind()
+        if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) and not native_half(p.dtype, cpu):
             log.warning("%s on this CPU has no native kernels (%s): expect it to be several times slower "
                         "than float32; for speed beyond float32 use quantize='int8' (inexact)", p.dtype,
-                        cpu_kind().describe())
-        self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act) for b in model.blocks]
+                        cpu.describe())
+        self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act, ffn_rows, rotation_block)
+                       for b in model.blocks]
         if p.device.type == "cpu":
             raise_mmap_threshold()
-        # oneDNN: every GEMM's row count a multiple of Linear.ROWS, padded once per forward.
-        self.rows_multiple = Linear.ROWS if self.backend in ("mkldnn", "int8") else 1
+        # oneDNN: every GEMM's row count a multiple of linear.ROWS, padded once per forward.
+        if rows_multiple is None:
+            rows_multiple = ROWS if self.backend in ("mkldnn", "int8") else 1
+        self.rows_multiple = rows_multiple
 
     def layout(self, groups: Batch) -> Packing:
         return Packing([mask for _, mask in groups], self.device, self.rows_multiple)

@@ -24,8 +24,9 @@ def token_batches(ids: list[list[int]], batch_size: int, max_seq_length: int) ->
     ``batch_size`` could hold, so memory stays bounded as on the reference path.
 
     Unpadded linears cost the same per token whatever the batch, but bigger GEMMs and fewer calls run
-    faster (BERT base, 2 shared cores: 4% with OMP_WAIT_POLICY=PASSIVE, 15% with the default policy),
-    so short texts share bigger batches. Filling by real tokens also makes every full batch's token
+    faster (BERT base, 2 shared cores: 4% with OMP_WAIT_POLICY=PASSIVE, 15% with the default policy;
+    ``python scripts/tune_fast.py --model random-bert --n 512 --token-budget``), so short texts share
+    bigger batches. Filling by real tokens also makes every full batch's token
     count land within one text of the budget: few distinct GEMM shapes (see ``Linear``).
     ``MINISBERT_TOKEN_BUDGET=0`` turns it off.
     """

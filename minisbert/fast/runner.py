@@ -22,16 +22,18 @@ from minisbert.runner import embed_padded
 log = logging.getLogger("minisbert")
 
 
-def fast_forward(model: nn.Module, backend: str | None = None, quantize: str | None = None) -> FastEncoder | None:
+def fast_forward(model: nn.Module, backend: str | None = None, quantize: str | None = None,
+                 **options) -> FastEncoder | None:
     """The packed forward for ``model`` (a reference model from ``minisbert.models``), or None if unsupported;
-    ``quantize="int8"``: its linears in int8 (inexact, opt-in)."""
+    ``quantize="int8"``: its linears in int8 (inexact, opt-in). ``options``: the tuned settings, for tests
+    and ``scripts/tune_fast.py`` (``FastEncoder``'s keywords; DeBERTa-v2's too for its models)."""
     if isinstance(model, BertModel):
-        return FastBert(model, backend, quantize)
+        return FastBert(model, backend, quantize, **options)
     cfg = model.config
     if isinstance(model, DebertaV2Model) and not cfg.conv_kernel_size and cfg.attention_head_size * \
             cfg.num_attention_heads == cfg.hidden_size:
         # The convolution after block 0 (deberta-v2-xlarge) stays on the reference path.
-        return FastDebertaV2(model, backend, quantize)
+        return FastDebertaV2(model, backend, quantize, **options)
     return None
 
 

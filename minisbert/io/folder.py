@@ -223,6 +223,10 @@ def read_modules(root: Path) -> list[Module] | None:
                 and isinstance(entry.get("path", ""), str)):
             raise ConfigError(f"{path}: expected a list of {{'idx': int, 'type': str, 'path': str}} objects, "
                               f"got {entry!r}")
+        # No file name holds a NUL byte: refused here, or the first open would raise a bare ValueError.
+        for key in ("type", "path"):
+            if "\0" in entry.get(key, ""):
+                raise ConfigError(f"{path}: module {key} {entry[key]!r} contains a NUL byte")
         # Paths are joined to the folder, as sentence-transformers joins them; "../x" or "/x" would read
         # another model's files.
         rel = os.path.normpath(entry.get("path") or ".")
