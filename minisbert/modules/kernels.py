@@ -54,6 +54,11 @@ def compiled(fn):
 _COMPILE_FAILED: set = set()
 
 
+def compile_failures() -> list[str]:
+    """The kernels whose torch.compile failed in this process (they run eagerly since): none, normally."""
+    return sorted(fn.__name__ for fn in _COMPILE_FAILED)
+
+
 def _maybe_compiled(fn, compile: bool, *args: torch.Tensor) -> torch.Tensor:
     if compile and fn not in _COMPILE_FAILED:
         try:
