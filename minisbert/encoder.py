@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minisbert import workers
 from minisbert.checks import check_device, check_quantize, parse_dtype
-from minisbert.encoding import calls, copies, inference, options, runners, training
+from minisbert.encoding import calls, copies, inference, options, runners, training, workers
 from minisbert.encoding.calls import MISSING, check_encode, convert
 from minisbert.encoding.options import from_pretrained_keywords
 from minisbert.encoding.training import ModelCardData
@@ -353,7 +352,7 @@ class SentenceEncoder:
     # -- worker processes ----------------------------------------------------------------------------
 
     def start_multi_process_pool(self, target_devices: list[str] | None = None) -> dict:
-        """Start worker processes (``minisbert.workers``) for ``encode(..., pool=pool)``: one per device
+        """Start worker processes (``minisbert.encoding.workers``) for ``encode(..., pool=pool)``: one per device
         (default: every CUDA device, else min(4, cores) CPU workers), each with its share of the cores."""
         return workers.start(self, target_devices)
 

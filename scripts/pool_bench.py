@@ -53,8 +53,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from minisbert import SentenceEncoder
+    from minisbert.encoding.workers import usable_cores
     from minisbert.io import hub
-    from minisbert.workers import usable_cores
 
     texts = texts_for(args.n)
     folder = str(hub.resolve(args.model))

@@ -1,4 +1,4 @@
-"""The multi-process pool (minisbert/workers.py): spawned workers give the embeddings one process gives,
+"""The multi-process pool (minisbert/encoding/workers.py): spawned workers give the embeddings one process gives,
 in input order; their errors reach the caller with their message; stopping leaves no process."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from conftest import corpus, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder
-from minisbert.workers import usable_cores
+from minisbert.encoding.workers import usable_cores
 
 TOL = 1e-5
 TEXTS = corpus(90, seed=21) + ["", "짧다"]
@@ -121,7 +121,7 @@ def test_stop_leaves_no_process(encoder):
 
 
 def test_default_devices_share_the_cores():
-    from minisbert.workers import default_devices, threads_per_worker
+    from minisbert.encoding.workers import default_devices, threads_per_worker
 
     if not torch.cuda.is_available():
         assert default_devices() == ["cpu"] * max(1, min(4, usable_cores()))

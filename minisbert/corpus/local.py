@@ -29,7 +29,7 @@ from minisbert.corpus.job import (
 from minisbert.corpus.parts import do_part, load_encoder
 from minisbert.corpus.readers import plan, read_part
 from minisbert.encoder import SentenceEncoder
-from minisbert.workers import threads_per_worker
+from minisbert.encoding.workers import threads_per_worker
 
 log = logging.getLogger("minisbert")
 

@@ -3,8 +3,9 @@
 - ``options``: ``SentenceEncoder(name, **kwargs)``'s keywords; prompts, similarity function,
   ``truncate_dim``, ``max_seq_length`` checked and overridden; the prompt ``encode`` prepends.
 - ``runners``: the packed runner built (or refused) for a setting; which runner ``encode`` uses.
-- ``calls``: one ``encode`` call: arguments checked once, run here or in worker processes
-  (``minisbert.workers``), the result converted as sentence-transformers returns it.
+- ``calls``: one ``encode`` call: arguments checked once, run here or in worker processes, the result
+  converted as sentence-transformers returns it.
+- ``workers``: sentence-transformers' multi-process pool (spawned workers, the cores shared out).
 - ``inference``: texts -> sentence embeddings in this process (what each worker also runs), the model
   inputs (``tokenize``) and the token-embeddings / feature-dict outputs.
 - ``copies``: moving and casting every module (``to``, ``half``, ``cuda``, ...) and what a pickled or

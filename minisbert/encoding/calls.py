@@ -9,8 +9,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from minisbert import workers
 from minisbert.checks import positive_int
+from minisbert.encoding import workers
 from minisbert.encoding.inference import run_here
 from minisbert.quantize import PRECISIONS, to_numpy
 from minisbert.text.tokenizer import check_texts

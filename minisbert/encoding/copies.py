@@ -1,6 +1,6 @@
 """Moving, casting and copying an encoder: every module of its pipeline moved as ``nn.Module.to`` moves
 one, and what a pickled or deep-copied encoder carries (``copy.deepcopy``, ``pickle``, and the worker
-processes of ``minisbert.workers``, which receive the encoder pickled)."""
+processes of ``minisbert.encoding.workers``, which receive the encoder pickled)."""
 
 from __future__ import annotations
 

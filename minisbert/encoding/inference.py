@@ -1,6 +1,6 @@
 """``encode`` in this process, before quantizing and converting: texts -> (N, D) sentence embeddings in
 the model's dtype on its device, or per-text token embeddings / feature dicts (``features``). Each
-worker of a pool (``minisbert.workers``) runs ``run_here`` on its chunk."""
+worker of a pool (``minisbert.encoding.workers``) runs ``run_here`` on its chunk."""
 
 from __future__ import annotations
 
