@@ -2,10 +2,11 @@
 
 ``SentenceEncoder(name)`` (or ``from_pretrained``) finds the folder (``hub``), reads it once into a
 ``ModelFolder`` (``folder``), builds and fills the modules (``loading``), then the encoder only runs:
-tokenizer -> transformer (through a runner, ``runner.ReferenceRunner`` or ``fast.PackedRunner``) ->
-pooling -> the modules after it (Dense, LayerNorm, Normalize), with sentence-transformers' ``encode``
-semantics. The class is the public surface; its jobs live in ``minisbert/encoding/`` (keywords,
-runners, moves, pickling, prompts, ``encode``'s arguments, inference, features, routing, outputs).
+tokenizer -> transformer (through a runner: ``runner.ReferenceRunner``, or ``fast/runner.py``'s
+``PackedRunner``) -> pooling -> the modules after it (Dense, LayerNorm, Normalize), with
+sentence-transformers' ``encode`` semantics. The class is the public surface; its jobs live in
+``minisbert/encoding/`` (options and prompts, runners, one ``encode`` call, inference, copies, worker
+processes, training).
 """
 
 from __future__ import annotations

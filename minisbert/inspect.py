@@ -2,7 +2,7 @@
 
 Architecture and the config values that change the numerics, the sentence-transformers settings,
 the tokenizer, parameter counts per part, and which checkpoint key fills which of our parameters
-(through the loader's own name table, ``checkpoint.map_state_dict``: this is what loading does, not a
+(through the loader's own name table, ``io/weights.py``'s ``map_state_dict``: this is what loading does, not a
 second copy of it), with the keys the loader deliberately ignores, and the folder's files.
 """
 

@@ -2,7 +2,7 @@
 
 Every module is built on the meta device (no memory, no random initialisation) and then filled from
 its weights file through one strict path, ``fill``: the architecture's checkpoint-name table maps
-every key (``checkpoint.map_state_dict``), each tensor is cast to the requested device and dtype, and
+every key (``io/weights.py``'s ``map_state_dict``), each tensor is cast to the requested device and dtype, and
 the values the model will actually use must be finite (a float64 1e39 or an fp32 7e4 loaded as fp16
 turns into inf, and every embedding into NaN). Nothing is ever left randomly initialised.
 """

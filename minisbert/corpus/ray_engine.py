@@ -15,7 +15,7 @@ Why parts and not ``ray.data.read_parquet(...)`` / ``write_parquet(...)`` for th
 choose block boundaries and order themselves, so a row's position (the default id) and a part's rows
 are lost, and with them resuming and the guarantee that a retried write cannot duplicate rows; and
 pyarrow's CSV/JSON readers infer types (a CSV column of "123" becomes integers), so the rows would
-differ from the local engine's. Reading a part with ``corpus.read_part`` gives both engines the same
+differ from the local engine's. Reading a part with ``readers.read_part`` gives both engines the same
 rows, ids, bad rows and files.
 
 **Your own pipeline**: ``Embedder`` is the callable class to hand to ``map_batches`` after any Ray Data
@@ -102,7 +102,7 @@ def set_threads(threads: int | None) -> None:
 
 class PartWorker:
     """The engine's ``map_batches`` callable class: one encoder per actor; each input row names a part,
-    which the actor reads, embeds and writes (``corpus.do_part``). Returns one row per part: its rows
+    which the actor reads, embeds and writes (``parts.do_part``). Returns one row per part: its rows
     written and skipped, and the CorpusError's message (a bad row) if it failed: returned as data,
     because Ray hands the driver only the text of an exception raised in an actor."""
 
@@ -139,7 +139,7 @@ def run_ray(job: Job, batch_size: int = 32, workers: int = 1, device: str = "cpu
             address: str | None = None, show_progress: bool | None = None) -> dict:
     """Embed the parts not yet written on a Ray cluster (``address``; default: the one ``RAY_ADDRESS``
     names, else a new local instance), ``workers`` actors of ``threads`` CPUs (and one GPU each when
-    ``device`` is CUDA); then ``corpus.finish``."""
+    ``device`` is CUDA); then ``job.finish``."""
     ray = ray_module()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
@@ -170,7 +170,7 @@ def embed_corpus(inputs: list[str], output: str, settings: CorpusSettings, *, re
                  batch_size: int = 32,
                  workers: int = 1, device: str = "cpu", threads: int | None = None, address: str | None = None,
                  show_progress: bool | None = None) -> dict:
-    """``embed-corpus --engine ray`` from Python: as ``corpus.embed_corpus``, the parts run by ``run_ray``.
+    """``embed-corpus --engine ray`` from Python: as ``local.embed_corpus``, the parts run by ``run_ray``.
     The driver loads the encoder on its CPU once, for the dimension and the int8/uint8 ranges."""
     ray_module()
     job = prepare_output(plan(inputs, settings, output), resume)
