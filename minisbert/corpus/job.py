@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minisbert import __version__
+from minisbert.checks import integer
 from minisbert.errors import CorpusError, MissingDependencyError
 from minisbert.io.files import write_atomically
 from minisbert.quantize import PRECISIONS
@@ -82,8 +83,7 @@ class CorpusSettings:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise CorpusError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.rows_per_part < 1:
-            raise CorpusError(f"rows_per_part must be >= 1, got {self.rows_per_part}")
+        integer(self.rows_per_part, "rows_per_part", error=CorpusError)
 
 
 @dataclass(frozen=True)

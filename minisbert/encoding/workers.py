@@ -39,6 +39,7 @@ import torch
 import torch.multiprocessing as mp
 from tqdm.auto import tqdm
 
+from minisbert.checks import positive_int
 from minisbert.encoding.inference import run_here
 
 log = logging.getLogger("minisbert")
@@ -109,8 +110,8 @@ def encode(encoder, texts: list[str], pool: dict | None = None, devices: list | 
     """``run_here(encoder, texts, **inference)`` (``minisbert.encoding.inference``) run by the pool's
     workers (a temporary pool on ``devices`` when no pool is given): (N, D) embeddings on the CPU, or a
     list for token embeddings and features."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if chunk_size is not None:
+        positive_int(chunk_size, "chunk_size")
     if not texts:
         return []
     show_progress_bar = inference.pop("show_progress_bar", None)
