@@ -52,7 +52,7 @@ class CpuKind:
         if self.native_bf16 is None:
             return "bf16 speed unknown (no /proc/cpuinfo flags); it is native only with AVX512_BF16 or AMX"
         return ("bf16 is emulated here (no AVX512_BF16 or AMX): several times slower than fp32; "
-                "for speed beyond fp32 use quantize='int8' (inexact)")
+                "for speed beyond fp32 use int8 (inexact: quantize='int8', or --quantize int8)")
 
 
 def parse_cpuinfo(text: str) -> tuple[str, int | None, int | None, tuple[str, ...]]:

@@ -114,7 +114,8 @@ class FastEncoder:
         cpu = cpu or cpu_kind()
         if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) and not native_half(p.dtype, cpu):
             log.warning("%s on this CPU has no native kernels (%s): expect it to be several times slower "
-                        "than float32; for speed beyond float32 use quantize='int8' (inexact)", p.dtype,
+                        "than float32; for speed beyond float32 use int8 (inexact: quantize='int8', or --quantize "
+                        "int8)", p.dtype,
                         cpu.describe())
         self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act, ffn_rows, rotation_block)
                        for b in model.blocks]
