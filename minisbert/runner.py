@@ -102,7 +102,8 @@ class ReferenceRunner:
         """``batch_size`` texts at a time, in the order given (``encode`` orders them longest first)."""
         return [list(range(s, min(s + batch_size, len(ids)))) for s in range(0, len(ids), batch_size)]
 
-    def embed(self, ids: list[list[int]], skip: int = 0) -> torch.Tensor:
+    def embed(self, ids: list[list[int]], skip: int = 0, compile: bool | None = None) -> torch.Tensor:
+        """``compile``: as ``pooling.pool``'s (training passes False: no compiled kernel under autograd)."""
         device = next(self.model.parameters()).device
 
         def run(groups: Padded) -> torch.Tensor:
@@ -110,7 +111,7 @@ class ReferenceRunner:
             for input_ids, attention_mask in groups:
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 states = self.model(input_ids, attention_mask)  # (b, T, C)
-                pooled.append(pool(states, attention_mask, self.modes, skip))  # (b, C * modes)
+                pooled.append(pool(states, attention_mask, self.modes, skip, compile))  # (b, C * modes)
             return torch.cat(pooled)
 
         return embed_padded(ids, self.pad_id, self.max_tokens, run)

@@ -9,10 +9,6 @@ import os
 
 import torch
 
-from minisbert.modules.kernels import masked_mean
-from minisbert.modules.pooling import pool as pool_states
-from minisbert.runner import embed_padded
-
 
 @contextlib.contextmanager
 def mode(encoder, train: bool):
@@ -37,21 +33,11 @@ def mode(encoder, train: bool):
 
 
 def embed(encoder, texts: list[str]) -> torch.Tensor:
-    """Texts (no prompt) -> (n, D): padded groups of equal length (``runner.embed_padded``) through the
-    reference forward, pooled, then the modules after Pooling."""
-    device, modes = encoder.device, encoder.pooling.modes
-
-    def run(groups):
-        pooled = []
-        for input_ids, mask in groups:
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            states = encoder.model(input_ids, mask)  # (b, T, C)
-            # Mean pooling eagerly on every device (``pool`` compiles it on CUDA, for inference).
-            pooled.append(masked_mean(states, mask) if modes == ("mean",) else pool_states(states, mask, modes))
-        return torch.cat(pooled)  # (n, C * modes)
-
+    """Texts (no prompt) -> (n, D): the reference runner (padded groups of equal length, the reference
+    forward, pooling run eagerly), then the modules after Pooling: the same step inference's reference
+    path runs. (``fit`` trains only models without WeightedLayerPooling: ``trainable_modules``.)"""
     ids = encoder.tokenizer.encode_ids(texts)
-    return encoder.head(embed_padded(ids, encoder.tokenizer.pad_id, encoder.max_tokens, run))
+    return encoder.head(encoder._reference.embed(ids, compile=False))
 
 
 def evaluate(encoder, evaluator, output_path: str | None = None):

@@ -54,12 +54,14 @@ class PoolingConfig:
         return cls(modes, include_prompt)
 
 
-def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...], skip: int = 0) -> torch.Tensor:
+def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...], skip: int = 0,
+         compile: bool | None = None) -> torch.Tensor:
     """Apply each mode and concatenate, in the order given: (B, T, C) -> (B, C * len(modes)).
 
     ``skip``: leave each row's first ``skip`` positions out (a prompt's tokens with ``include_prompt:
     false``; rows are right-padded), as sentence-transformers does: by zeroing them in the mask, so
-    ``weightedmean`` keeps the other tokens' position weights and ``cls`` takes the first token left."""
+    ``weightedmean`` keeps the other tokens' position weights and ``cls`` takes the first token left.
+    ``compile``: mean pooling's kernel through torch.compile (default: on CUDA; training runs it eagerly)."""
     B, T, C = x.shape
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     original_mask = attention_mask
@@ -75,7 +77,7 @@ def pool(x: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...], 
         elif mode == "max":
             outputs.append(x.masked_fill(attention_mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values)
         elif mode == "mean":
-            outputs.append(mean_pool(x, attention_mask))
+            outputs.append(mean_pool(x, attention_mask, compile))
         elif mode == "mean_sqrt_len_tokens":
             mask = attention_mask.unsqueeze(-1).to(x.dtype)
             total = (x * mask).sum(dim=1, dtype=acc)
