@@ -331,6 +331,13 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``single_thread`` for a whole test module: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    with single_thread():
+        yield
+
+
 def st_model(path):
     """sentence-transformers' model for ``path`` on the CPU, the parity reference."""
     from sentence_transformers import SentenceTransformer

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SEED_CONFIGS, corpus, make_checkpoint, single_thread, st_model
+from conftest import SEED_CONFIGS, corpus, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder
 from minisbert.errors import CheckpointError, ConfigError
@@ -66,12 +66,9 @@ def assert_close(a, b, what: str, tol: float = TOL) -> None:
 _CHECKPOINTS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """64-wide models: a second intra-op thread only adds synchronisation, and on a shared 2-core
-    machine oversubscription made this file 6x slower (231 s vs 35 s). Restored after the module."""
-    with single_thread():
-        yield
+# 64-wide models: a second intra-op thread only adds synchronisation, and on a shared 2-core
+# machine oversubscription made this file 6x slower (231 s vs 35 s). Restored after the module.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

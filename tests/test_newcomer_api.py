@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import corpus, make_checkpoint, single_thread, st_model
+from conftest import corpus, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder
 
@@ -18,10 +18,7 @@ TEXTS = corpus(12, seed=5) + ["", "A man is playing guitar."]
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import add_dense, corpus, make_checkpoint, single_thread, st_model
+from conftest import add_dense, corpus, make_checkpoint, st_model
 
 from minisbert import SentenceEncoder
 from minisbert.errors import ConfigError
@@ -29,10 +29,7 @@ def max_diff(a, b) -> float:
     return float(np.abs(a - b).max()) if a.size else 0.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
