@@ -6,10 +6,11 @@ bare model, e.g. ``bert.``), ``CHECKPOINT_NAMES`` (Hugging Face key -> our param
 the layer) and ``IGNORED_KEYS`` (regular expressions for keys deliberately not loaded).
 """
 
-from minisbert.models import bert, deberta_v2, roberta
+from minisbert.models import bert, deberta_v2, roberta, xlm_roberta
 
 ARCHITECTURES = {
     "bert": bert,
     "roberta": roberta,
     "deberta-v2": deberta_v2,
+    "xlm-roberta": xlm_roberta,
 }
