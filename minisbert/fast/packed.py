@@ -117,14 +117,17 @@ class FastEncoder:
                         "than float32; for speed beyond float32 use int8 (inexact: quantize='int8', or --quantize "
                         "int8)", p.dtype,
                         cpu.describe())
-        self.blocks = [PackedBlock(b, self.backend, model.config.hidden_act, ffn_rows, rotation_block)
-                       for b in model.blocks]
+        self.blocks = self.make_blocks(model, ffn_rows, rotation_block)
         if p.device.type == "cpu":
             raise_mmap_threshold()
         # oneDNN: every GEMM's row count a multiple of linear.ROWS, padded once per forward.
         if rows_multiple is None:
             rows_multiple = ROWS if self.backend in ("mkldnn", "int8") else 1
         self.rows_multiple = rows_multiple
+
+    def make_blocks(self, model: nn.Module, ffn_rows: int, rotation_block: int) -> list:
+        """The packed blocks, one per reference block (post-LN ``PackedBlock``s unless overridden)."""
+        return [PackedBlock(b, self.backend, model.config.hidden_act, ffn_rows, rotation_block) for b in model.blocks]
 
     def layout(self, groups: Batch) -> Packing:
         return Packing([mask for _, mask in groups], self.device, self.rows_multiple)

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from minisbert.fast.deberta_v2 import FastDebertaV2
+from minisbert.fast.modernbert import FastModernBert
 from minisbert.fast.packed import FastBert, FastEncoder
 from minisbert.fast.packing import token_batches
 from minisbert.models.bert import BertModel
 from minisbert.models.deberta_v2 import DebertaV2Model
+from minisbert.models.modernbert import ModernBertModel
 from minisbert.runner import embed_padded
 
 log = logging.getLogger("minisbert")
@@ -29,6 +31,8 @@ def fast_forward(model: nn.Module, backend: str | None = None, quantize: str | N
     and ``scripts/tune_fast.py`` (``FastEncoder``'s keywords; DeBERTa-v2's too for its models)."""
     if isinstance(model, BertModel):
         return FastBert(model, backend, quantize, **options)
+    if isinstance(model, ModernBertModel):
+        return FastModernBert(model, backend, quantize, **options)
     cfg = model.config
     if isinstance(model, DebertaV2Model) and not cfg.conv_kernel_size and cfg.attention_head_size * \
             cfg.num_attention_heads == cfg.hidden_size:

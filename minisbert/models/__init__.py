@@ -6,11 +6,12 @@ bare model, e.g. ``bert.``), ``CHECKPOINT_NAMES`` (Hugging Face key -> our param
 the layer) and ``IGNORED_KEYS`` (regular expressions for keys deliberately not loaded).
 """
 
-from minisbert.models import bert, deberta_v2, roberta, xlm_roberta
+from minisbert.models import bert, deberta_v2, modernbert, roberta, xlm_roberta
 
 ARCHITECTURES = {
     "bert": bert,
     "roberta": roberta,
     "deberta-v2": deberta_v2,
     "xlm-roberta": xlm_roberta,
+    "modernbert": modernbert,
 }
