@@ -190,11 +190,18 @@ def window_bias(attention_mask: torch.Tensor, window: int, dtype: torch.dtype) -
 # Blocks
 
 
+class Norm(nn.LayerNorm):
+    """ModernBERT's LayerNorm. Its checkpoint names are ``norm``, ``attn_norm``, ``mlp_norm`` and
+    ``final_norm``, not ``LayerNorm``, so old_fit's weight-decay rule (which goes by names) decays it."""
+
+    named_layer_norm = False
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModernBertConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        self.norm = Norm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
         self.drop = nn.Dropout(cfg.embedding_dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -245,9 +252,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModernBertConfig, layer: int):
         super().__init__()
         # Block 0's input is the embeddings' LayerNorm output already: no second norm.
-        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias) if layer else nn.Identity()
+        self.attn_norm = Norm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias) if layer else nn.Identity()
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        self.mlp_norm = Norm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
         self.mlp = GeGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
@@ -264,7 +271,7 @@ class ModernBertModel(nn.Module):
         self.config = cfg
         self.embed = Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        self.final_norm = Norm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         """cos, sin for global (True) and local (False) layers at ``positions``."""

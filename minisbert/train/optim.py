@@ -13,8 +13,9 @@ from minisbert.train.recipe import FitParams
 
 def no_decay(name: str, module: nn.Module) -> bool:
     """old_fit's rule, ``any(nd in name for nd in ["bias", "LayerNorm.bias", "LayerNorm.weight"])`` on
-    Hugging Face names: biases and every LayerNorm parameter (DeBERTa's relative-table LayerNorm too)."""
-    return name == "bias" or isinstance(module, nn.LayerNorm)
+    Hugging Face names: biases and every LayerNorm parameter (DeBERTa's relative-table LayerNorm too),
+    but not a LayerNorm whose checkpoint name says otherwise (ModernBERT's ``*norm``: ``named_layer_norm``)."""
+    return name == "bias" or (isinstance(module, nn.LayerNorm) and getattr(module, "named_layer_norm", True))
 
 
 def adamw(modules: list[nn.Module], fit: FitParams) -> torch.optim.AdamW:
