@@ -27,7 +27,7 @@ from minisbert.models import ARCHITECTURES
 # are derived.
 SUMMARY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
            "vocab_size", "max_position_embeddings", "max_tokens", "type_vocab_size", "layer_norm_eps",
-           "hidden_act", "pad_token_id")
+           "norm_eps", "hidden_act", "pad_token_id")
 # DeBERTa-v2's relative-attention settings, shown when the config has them.
 RELATIVE = ("pos_att_type", "position_buckets", "max_relative_positions", "att_span", "share_att_key",
             "norm_rel_ebd", "position_biased_input", "embedding_size", "conv_kernel_size")
@@ -65,6 +65,12 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
     summary["max_tokens"] = encoder.arch.max_tokens(cfg)
     summary = {name: summary[name] for name in SUMMARY if name in summary}
     relative = {name: getattr(cfg, name) for name in RELATIVE if hasattr(cfg, name)}
+    alternating = None
+    if hasattr(cfg, "layer_types"):  # ModernBERT: global and sliding-window layers, two rotary bases
+        alternating = {"global_layers": [i for i in range(cfg.num_hidden_layers) if cfg.is_global(i)],
+                       "local_attention": cfg.local_attention, "window": cfg.window,
+                       "global_rope_theta": cfg.global_rope_theta, "local_rope_theta": cfg.local_rope_theta,
+                       "biases": {k: getattr(cfg, k) for k in ("attention_bias", "mlp_bias", "norm_bias")}}
 
     own = model.state_dict()
     mapped = [{"key": sources[ours], "parameter": ours, "shape": list(state[sources[ours]].shape),
@@ -78,6 +84,7 @@ def describe(name_or_path: str, revision: str | None = None) -> dict:
         "class": f"{type(model).__module__}.{type(model).__name__}",
         "config": summary,
         "relative_attention": relative or None,
+        "alternating_attention": alternating,
         "config_all": asdict(cfg),
         "sentence_transformers": {
             "pooling": list(layout.pooling.modes), "normalize": layout.normalize,
@@ -204,12 +211,20 @@ def format_text(info: dict, all_keys: bool = False) -> str:
         f"{c['num_attention_heads']} × head dim {c['head_dim']} · FFN {c['intermediate_size']} · "
         f"vocab {c['vocab_size']}",
         f"             max positions {c['max_position_embeddings']} (max tokens {c['max_tokens']}) · "
-        f"type vocab {c.get('type_vocab_size')} · layer_norm_eps {c['layer_norm_eps']:g} · "
+        + (f"type vocab {c['type_vocab_size']} · " if c.get("type_vocab_size") is not None else "")
+        + f"layer_norm_eps {c.get('layer_norm_eps', c.get('norm_eps')):g} · "
         f"activation {c['hidden_act']} · pad id {c['pad_token_id']}",
     ]
     if info["relative_attention"]:
         rel = " · ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in info["relative_attention"].items())
         lines += textwrap.wrap(rel, width=110, initial_indent="relative     ", subsequent_indent=" " * 13)
+    if info.get("alternating_attention"):
+        a = info["alternating_attention"]
+        off = [k.removesuffix("_bias") for k, v in a["biases"].items() if not v]
+        lines += [f"attention    global layers {a['global_layers']} · the others local: keys within ±{a['window']} "
+                  f"(local_attention {a['local_attention']})",
+                  f"             rotary base global {a['global_rope_theta']:g} / local {a['local_rope_theta']:g} · "
+                  f"no bias in {', '.join(off) or 'none'}"]
     lines += [
         f"sentence     pooling {'+'.join(st['pooling'])} · normalize {yes(st['normalize'])} · max_seq_length "
         f"{st['max_seq_length']} · do_lower_case {yes(st['do_lower_case'])} · embedding dim {st['embedding_dim']}"

@@ -126,7 +126,7 @@ def test_local_layers_never_build_a_t_by_t_mask(folders, monkeypatch):
     T = 2048
     full = [s for s in shapes if s == (T, T)]
     assert len(full) == 2  # the two global layers (0 and 3) only
-    assert all(k <= 128 + 2 * 8 for q, k in shapes if (q, k) != (T, T))
+    assert all(k <= fast_modernbert.LOCAL_BLOCK + 2 * 8 for q, k in shapes if (q, k) != (T, T))
 
 
 def test_trace_equals_transformers_eager(folders):
@@ -238,3 +238,38 @@ def test_steps_equal_old_fit(tmp_path):
     print(f"modernbert mnr: loss rel max {rel.max():.2e}, update {r['update']:.2e}, embeddings {r['embeddings']:.2e}")
     assert len(r["ours"]) == 16 and rel.max() <= 1e-4
     assert r["update"] <= 5e-3 and r["embeddings"] <= 5e-3
+
+
+def test_plain_transformers_folder_loads_as_sentence_transformers_does(folders, tmp_path):
+    """A.X-Encoder-base is a transformers folder (no modules.json): Transformer + mean pooling, as ST reads it."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(folders["every3"], plain, ignore=shutil.ignore_patterns("modules.json", "1_Pooling",
+                                                                            "sentence_bert_config.json"))
+    sentences = texts()[:12]
+    want = st_encode(plain, sentences)
+    got = SentenceEncoder(str(plain)).encode(sentences)
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_inspect_describes_the_alternating_layers(folders):
+    from minisbert.inspect import describe, format_text
+
+    info = describe(str(folders["every2-biases"]))
+    assert info["model_type"] == "modernbert"
+    assert info["alternating_attention"]["global_layers"] == [0, 2]
+    assert info["alternating_attention"]["window"] == 4
+    text = format_text(info)
+    assert "global layers [0, 2]" in text and "keys within ±4" in text and "no bias in none" in text
+
+
+def test_manifest_lists_the_new_embedders_with_supported_architectures():
+    from minisbert.io import hub
+    from minisbert.models import ARCHITECTURES
+
+    names = hub.short_names()
+    for name in ("bge-m3", "KURE-v1", "BGE-m3-ko", "KoE5", "multilingual-e5-base", "gte-modernbert-base",
+                 "modernbert-embed-base", "A.X-Encoder-base"):
+        assert names[name]["architecture"] in ARCHITECTURES, name
+    assert names["KoE5"]["prompts"] == {"query": "query: ", "passage": "passage: "}

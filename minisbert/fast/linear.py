@@ -134,6 +134,13 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         return self(x).add_(residual)
 
+    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """(x W^T + b) * other, for a layer without activation (a GLU's gate); oneDNN multiplies in the
+        GEMM's epilogue (a "mul" post-op), so the product costs no pass of its own."""
+        if self.backend == "mkldnn" and not self.act and x.shape[0] % ROWS == 0:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "mul")
+        return self(x).mul_(other)
+
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
         rotated = self.rotation is not None
         # Either way the rotation makes a new tensor, which quantize_rows then scales and rounds in place.
