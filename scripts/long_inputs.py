@@ -85,8 +85,9 @@ def main() -> None:
                 runs = {"st": [], "ours": []}
                 outs = {}
                 for _ in range(args.repeats):  # interleaved
-                    for name, fn in (("st", lambda t: st.encode(t, batch_size=len(t))),
-                                     ("ours", lambda t: ours.encode(t, batch_size=len(t)))):
+                    for name, model in (("st", st), ("ours", ours)):
+                        def fn(t, model=model):
+                            return model.encode(t, batch_size=len(t))
                         outs[name] = fn(texts[:1])  # warm-up for this shape, and the output compared
                         runs[name].append(measure(fn, texts))
                 best = {k: (min(s for s, _ in v), min(m for _, m in v)) for k, v in runs.items()}
