@@ -6,7 +6,9 @@ kind at base size) checkpoints (docs/performance.md, "Long inputs").
     python scripts/long_inputs.py --arch modernbert --lengths 8192 --repeats 1
 
 Texts are cut at exactly the length (max_seq_length set to it on both sides): batches of 16 texts at 512
-tokens, 4 at 2,048, 1 at 8,192. Both systems run in this process, interleaved, best of ``--repeats``;
+tokens, 4 at 2,048, 1 at 8,192; ``--mixed`` adds rows where the batch's texts are spread evenly up to the
+length (1/16, 2/16, ... of it), as passages of real documents are.
+Both systems run in this process, interleaved, best of ``--repeats``;
 peak memory is the growth of the process's peak RSS during one encode (Linux ``/proc/self/clear_refs``),
 so it counts what the forward allocates beyond the weights both hold. The vocabulary is the tests'
 tiny byte-level BPE / SentencePiece one (embedding tables do not change the rate), the bodies are the
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--arch", choices=["modernbert", "xlm-roberta", "both"], default="both")
     parser.add_argument("--lengths", default="512,2048,8192")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mixed", action="store_true", help="also batches of texts of spread lengths")
     args = parser.parse_args()
 
     import numpy as np
@@ -70,6 +73,7 @@ def main() -> None:
     print(f"CPU: {cpu_kind().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     archs = ["modernbert", "xlm-roberta"] if args.arch == "both" else [args.arch]
     lengths = [int(n) for n in args.lengths.split(",")]
+    print("tokens: every text that long; ~: the batch's texts spread evenly up to it")
     print(f"{'model':12s} {'tokens':>6s} {'batch':>5s} | {'ST texts/s':>10s} {'ours texts/s':>12s} {'speed-up':>8s} | "
           f"{'ST peak MiB':>11s} {'ours peak MiB':>13s} | {'max abs diff':>12s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,11 +81,18 @@ def main() -> None:
             folder = build(arch, Path(tmp))
             st = SentenceTransformer(str(folder), device="cpu")
             ours = SentenceEncoder(str(folder))
-            for T in lengths:
+            shapes = [(T, False) for T in lengths] + [(T, True) for T in lengths if args.mixed and BATCH[T] > 1]
+            for T, mixed in shapes:
                 st.max_seq_length = ours.max_seq_length = T
-                texts = [f"{i}번째 긴 문서입니다. " + "한국어 문장과 English words, 숫자 1,234. " * (T // 4)
-                         for i in range(BATCH[T])]
-                assert all(len(r) == T for r in ours.tokenizer.encode_ids(texts))
+                n = BATCH[T]
+                long = "한국어 문장과 English words, 숫자 1,234. " * (T // 4)
+                texts = [f"{i}번째 긴 문서입니다. " + long for i in range(n)]
+                if mixed:  # cut each to its share of T tokens through the tokenizer's own offsets
+                    ids = ours.tokenizer.encode_ids(texts)
+                    texts = [ours.tokenizer.tokenizer.decode(row[1: max(2, T * (i + 1) // n - 1)])
+                             for i, row in enumerate(ids)]
+                else:
+                    assert all(len(r) == T for r in ours.tokenizer.encode_ids(texts))
                 runs = {"st": [], "ours": []}
                 outs = {}
                 for _ in range(args.repeats):  # interleaved
@@ -93,7 +104,8 @@ def main() -> None:
                 best = {k: (min(s for s, _ in v), min(m for _, m in v)) for k, v in runs.items()}
                 rate = {k: len(texts) / s for k, (s, _) in best.items()}
                 diff = float(np.abs(outs["st"] - outs["ours"]).max())
-                print(f"{arch:12s} {T:6d} {len(texts):5d} | {rate['st']:10.2f} {rate['ours']:12.2f} "
+                mark = "~" if mixed else " "
+                print(f"{arch:12s} {T:6d}{mark}{len(texts):5d} | {rate['st']:10.2f} {rate['ours']:12.2f} "
                       f"{rate['ours'] / rate['st']:7.2f}x | {best['st'][1]:11.0f} {best['ours'][1]:13.0f} | "
                       f"{diff:12.2e}", flush=True)
 
