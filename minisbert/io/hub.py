@@ -27,7 +27,8 @@ from minisbert.io.weights import convert_to_safetensors
 # The configuration and tokenizer files an encoder may read, anywhere in the repo's module folders.
 CONFIG_PATTERNS = ["modules.json", "config_sentence_transformers.json", "*sentence_bert_config.json",
                    "*config.json", "*tokenizer.json", "*tokenizer_config.json", "*special_tokens_map.json",
-                   "*vocab.txt", "*.model", "*added_tokens.json"]  # kobert.py refuses, never ignores, it
+                   "*vocab.txt", "*.model", "*added_tokens.json",  # kobert.py refuses, never ignores, it
+                   "sparse_linear.pt", "colbert_linear.pt"]  # bge-m3's lexical and multi-vector heads (small)
 SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
