@@ -84,7 +84,7 @@ def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int,
         ids, source = tokenizer.vocab, folder.tokenizer.vocab_txt
     else:
         ids = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
-        source = folder.tokenizer.tokenizer_json or folder.tokenizer.vocab_txt
+        source = folder.tokenizer.tokenizer_json or folder.tokenizer.sentencepiece or folder.tokenizer.vocab_txt
     token, top = max(ids.items(), key=lambda kv: kv[1], default=("", -1))
     if tokenizer.pad_id > top:
         token, top = "(padding)", tokenizer.pad_id
