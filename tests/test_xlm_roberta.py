@@ -101,15 +101,25 @@ def test_token_ids_equal_transformers(name, folders):
     assert [len(r) for r in got[3:6]] == [2, 2, 2]  # empty and whitespace-only texts: <s> </s>
 
 
-def test_sentencepiece_conversion_is_transformers(folders):
+def test_sentencepiece_conversion_is_transformers(folders, tmp_path):
     """The Unigram built from sentencepiece.bpe.model is transformers' conversion, field for field:
-    vocabulary with scores and fairseq ids, precompiled normaliser, pre-tokenizer, template, added tokens."""
-    ref = transformers.XLMRobertaTokenizer.from_pretrained(str(folders["bge-spm"]))
-    files = read_tokenizer_files(folders["bge-spm"])
-    assert files.tokenizer_json is None and files.sentencepiece.name == "sentencepiece.bpe.model"
-    ours = TextTokenizer.from_files(files, False, fallback_pad_id=1).tokenizer
-    want, got = json.loads(ref._tokenizer.to_str()), json.loads(ours.to_str())
-    assert got == want, [k for k in want if got.get(k) != want[k]]
+    vocabulary with scores and fairseq ids, precompiled normaliser, pre-tokenizer, template, added tokens
+    (also with an AddedToken ``<mask>`` that strips the spaces before it, as XLM-R's own config has)."""
+    lstrip = tmp_path / "lstrip"
+    lstrip.mkdir()
+    config = json.loads((folders["bge-spm"] / "tokenizer_config.json").read_text())
+    config["mask_token"] = {"content": "<mask>", "lstrip": True, "rstrip": False, "normalized": True,
+                            "single_word": False, "special": True, "__type": "AddedToken"}
+    (lstrip / "tokenizer_config.json").write_text(json.dumps(config))
+    (lstrip / "sentencepiece.bpe.model").write_bytes((folders["bge-spm"] / "sentencepiece.bpe.model").read_bytes())
+    for folder in (folders["bge-spm"], lstrip):
+        ref = transformers.XLMRobertaTokenizer.from_pretrained(str(folder))
+        files = read_tokenizer_files(folder)
+        assert files.tokenizer_json is None and files.sentencepiece.name == "sentencepiece.bpe.model"
+        ours = TextTokenizer.from_files(files, False, fallback_pad_id=1).tokenizer
+        want, got = json.loads(ref._tokenizer.to_str()), json.loads(ours.to_str())
+        assert got == want, [k for k in want if got.get(k) != want[k]]
+    assert got["added_tokens"][-1]["lstrip"] is True
     # And the model file read by hand is what SentencePiece itself reads.
     import sentencepiece as spm
 

@@ -99,9 +99,19 @@ def read_spm_model(data: bytes) -> tuple[list[tuple[str, float, int]], bytes]:
     return pieces, charsmap
 
 
-def xlmr_from_spm(path: Path, specials: dict[str, str], add_prefix_space: bool = True) -> Tokenizer:
+def special_token(value, default: str) -> AddedToken:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict whose flags
+    (``lstrip``: eat the spaces before it, ...) transformers keeps; anything else: the default."""
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        flags = {k: bool(value.get(k, False)) for k in ("single_word", "lstrip", "rstrip", "normalized")}
+        return AddedToken(value["content"], special=True, **flags)
+    return AddedToken(value if isinstance(value, str) else default, normalized=False, special=True)
+
+
+def xlmr_from_spm(path: Path, specials: dict, add_prefix_space: bool = True) -> Tokenizer:
     """The ``tokenizers`` tokenizer transformers' ``XLMRobertaTokenizer`` builds from the SentencePiece
-    model at ``path``; ``specials``: SPECIAL_DEFAULTS' keys -> token (from tokenizer_config.json)."""
+    model at ``path``; ``specials``: SPECIAL_DEFAULTS' keys -> token (tokenizer_config.json's value: a
+    string or an AddedToken dict; missing: the default)."""
     try:
         pieces, charsmap = read_spm_model(read_bytes(path, "SentencePiece model", TOKENIZER_LIMIT))
     except (ValueError, UnicodeDecodeError) as e:
@@ -110,7 +120,8 @@ def xlmr_from_spm(path: Path, specials: dict[str, str], add_prefix_space: bool =
     if [kind for _, _, kind in pieces[:3]] != [UNKNOWN, CONTROL, CONTROL]:
         raise ConfigError(f"{path}: the first pieces are {[p for p, _, _ in pieces[:3]]}, not SentencePiece's "
                           f"<unk>, <s>, </s>: not an XLM-RoBERTa SentencePiece model")
-    s = dict(SPECIAL_DEFAULTS, **specials)
+    added = {k: special_token(specials.get(k), d) for k, d in SPECIAL_DEFAULTS.items()}
+    s = {k: t.content for k, t in added.items()}
     # Ids 0-3 are fairseq's specials (scored 0, never produced by the Unigram lattice's pieces), then
     # SentencePiece's pieces from its id 3 on, shifted by one, then <mask>.
     vocab = [(s["bos_token"], 0.0), (s["pad_token"], 0.0), (s["eos_token"], 0.0), (s["unk_token"], 0.0)]
@@ -126,11 +137,11 @@ def xlmr_from_spm(path: Path, specials: dict[str, str], add_prefix_space: bool =
                                                  pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE,
                                                                           prepend_scheme=scheme)])
     tok.decoder = decoders.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme=scheme)
-    # Special tokens in the text stay whole and are not normalised; so do SentencePiece's other control
-    # pieces, which transformers registers as extra special tokens (XLM-R has none past </s>).
-    controls = [piece for piece, _, kind in pieces[3:] if kind == CONTROL]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t in dict.fromkeys([*(s[k] for k in SPECIAL_DEFAULTS), *controls])])
+    # Special tokens in the text stay whole (not normalised, unless the config's AddedToken says so); so
+    # do SentencePiece's other control pieces, which transformers registers as extra special tokens
+    # (XLM-R has none past </s>).
+    controls = [piece for piece, _, kind in pieces[3:] if kind == CONTROL and piece not in s.values()]
+    tok.add_special_tokens([*added.values(), *(AddedToken(t, normalized=False, special=True) for t in controls)])
     bos, eos = s["bos_token"], s["eos_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=[bos, "$A", eos], pair=[bos, "$A", eos, eos, "$B", eos],

@@ -156,7 +156,7 @@ class TextTokenizer:
         elif files.sentencepiece is not None:
             # transformers reads tokenizer_config.json, then lets special_tokens_map.json override it.
             names = {**tok_config, **files.special_tokens_map}
-            specials = {k: token_str(names.get(k), d) for k, d in SPM_SPECIALS.items()}
+            specials = {k: names.get(k) for k in SPM_SPECIALS}  # strings or AddedToken dicts
             prefix = tok_config.get("add_prefix_space", True)
             if not isinstance(prefix, bool):
                 raise ConfigError(f"{files.folder / 'tokenizer_config.json'}: add_prefix_space={prefix!r} must be "
