@@ -130,6 +130,19 @@ def test_sentencepiece_conversion_is_transformers(folders, tmp_path):
     assert [s for _, s, _ in pieces] == [sp.get_score(i) for i in range(len(pieces))]
 
 
+def test_sentencepiece_folder_needs_no_sentencepiece_package(folders):
+    """The model file is read by hand: with neither sentencepiece nor protobuf importable, the ids are the same."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; sys.modules['sentencepiece'] = sys.modules['google.protobuf'] = None\n"
+            "from minisbert import SentenceEncoder\n"
+            f"print(json.dumps(SentenceEncoder({str(folders['bge-spm'])!r}).tokenizer.encode_ids({HARD[:9]!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == SentenceEncoder(folders["bge-spm"]).tokenizer.encode_ids(HARD[:9])
+
+
 def test_sentencepiece_folder_errors(folders, tmp_path):
     src = folders["bge-spm"]
     bad = tmp_path / "bad"
