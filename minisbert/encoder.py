@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from minisbert.checks import check_device, check_quantize, parse_dtype
-from minisbert.encoding import calls, copies, inference, options, runners, training, workers
+from minisbert.encoding import calls, copies, hybrid, inference, options, runners, training, workers
 from minisbert.encoding.calls import MISSING, check_encode, convert
 from minisbert.encoding.options import from_pretrained_keywords
 from minisbert.encoding.training import ModelCardData
@@ -30,6 +30,7 @@ from minisbert.io.folder import ModelFolder, read_folder
 from minisbert.io.save import save as save_folder
 from minisbert.loading import Loaded, load
 from minisbert.models import ARCHITECTURES
+from minisbert.modules import bge_m3
 from minisbert.quantize import quantize_embeddings
 from minisbert.runner import ReferenceRunner, guard_forked_children
 from minisbert.search import PAIRWISE, SIMILARITY
@@ -322,6 +323,17 @@ class SentenceEncoder:
         """``encode`` with the first of the ``"document"``, ``"passage"``, ``"corpus"`` prompts the model
         has, unless a prompt is given (sentence-transformers' encode_document)."""
         return self.encode(sentences, **options.document_keywords(self.prompts, kwargs))
+
+    def encode_hybrid(self, sentences: str | list[str], batch_size: int = 32, max_length: int | None = None,
+                      return_dense: bool = True, return_sparse: bool = True, return_colbert_vecs: bool = True) -> dict:
+        """bge-m3's ``dense_vecs``, ``lexical_weights`` and ``colbert_vecs`` from one forward, as FlagEmbedding's
+        ``BGEM3FlagModel.encode`` (``encoding/hybrid.py``); ``max_length`` default: ``max_seq_length``."""
+        return hybrid.encode_hybrid(self, sentences, batch_size, max_length, return_dense, return_sparse,
+                                    return_colbert_vecs)
+
+    # FlagEmbedding's scores of those outputs (``modules/bge_m3.py``).
+    compute_lexical_matching_score = staticmethod(bge_m3.lexical_matching_score)
+    colbert_score = staticmethod(bge_m3.colbert_score)
 
     # -- training ------------------------------------------------------------------------------------
 

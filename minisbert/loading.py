@@ -22,6 +22,7 @@ from minisbert.errors import CheckpointError, ConfigError
 from minisbert.io.folder import DenseModule, LayerNormModule, LayerPoolingModule, ModelFolder
 from minisbert.io.weights import check_safetensors_header, detect_prefix, map_state_dict, read_state_dict
 from minisbert.models import ARCHITECTURES
+from minisbert.modules.bge_m3 import COLBERT_FILE, LINEAR_NAMES, SPARSE_FILE, M3Heads
 from minisbert.modules.dense import NAMES as DENSE_NAMES
 from minisbert.modules.dense import Dense
 from minisbert.modules.layers import LAYER_NORM_NAMES, LAYER_POOLING_NAMES, LayerNorm, Normalize, WeightedLayerPooling
@@ -84,7 +85,7 @@ def check_token_ids(tokenizer: TextTokenizer | KoBertTokenizer, vocab_size: int,
         ids, source = tokenizer.vocab, folder.tokenizer.vocab_txt
     else:
         ids = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
-        source = folder.tokenizer.tokenizer_json or folder.tokenizer.vocab_txt
+        source = folder.tokenizer.tokenizer_json or folder.tokenizer.sentencepiece or folder.tokenizer.vocab_txt
     token, top = max(ids.items(), key=lambda kv: kv[1], default=("", -1))
     if tokenizer.pad_id > top:
         token, top = "(padding)", tokenizer.pad_id
@@ -205,6 +206,29 @@ def fill(module: nn.Module, names, state: dict[str, torch.Tensor], weights: Path
         cast[ours] = value
     module.load_state_dict(cast, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def load_m3_heads(folder: ModelFolder, hidden_size: int, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> M3Heads | None:
+    """bge-m3's lexical and ColBERT linears (``modules/bge_m3.py``) from ``sparse_linear.pt`` and
+    ``colbert_linear.pt`` at the folder's root, where FlagEmbedding reads them; None when neither is
+    there. The pickles go through the legacy ``.bin`` reader (checked, ``weights_only``), never a
+    plain ``torch.load``."""
+    paths = [folder.root / SPARSE_FILE, folder.root / COLBERT_FILE]
+    present = [p.exists() for p in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        raise CheckpointError(f"{paths[present.index(False)]}: missing (bge-m3's heads come as a pair: "
+                              f"{SPARSE_FILE} and {COLBERT_FILE})")
+    sparse, colbert = (read_state_dict(p) for p in paths)
+    weight = colbert.get("weight")
+    if weight is None or weight.dim() != 2:
+        raise CheckpointError(f"{paths[1]}: expected an nn.Linear state dict with a 2-d 'weight'")
+    heads = on_meta(M3Heads, hidden_size, weight.shape[0])  # the ColBERT width is the file's
+    for linear, state, path in ((heads.sparse, sparse, paths[0]), (heads.colbert, colbert, paths[1])):
+        fill(linear, LINEAR_NAMES, state, path, device, dtype)
+    return heads.eval().requires_grad_(False)
 
 
 class SkipInit(TorchFunctionMode):

@@ -145,3 +145,23 @@ def make_modernbert_checkpoint(folder: Path, *, pooling: str = "mean", normalize
     model.eval().save_pretrained(folder, safe_serialization=True)
     write_st_modules(folder, values["hidden_size"], pooling, normalize, max_seq_length, prompts)
     return folder
+
+
+def add_m3_heads(folder: Path, *, colbert_dim: int | None = None, seed: int = 0) -> Path:
+    """bge-m3's two extra heads beside the folder's files, as FlagEmbedding saves them (``torch.save`` of
+    each ``nn.Linear``'s state dict): ``sparse_linear.pt`` (hidden -> 1) and ``colbert_linear.pt``
+    (hidden -> hidden, or ``colbert_dim``). Weights of about unit gain, so that ReLU keeps roughly half the
+    tokens' lexical weights and drops the others."""
+    import torch
+
+    folder = Path(folder)
+    hidden = json.loads((folder / "config.json").read_text(encoding="utf-8"))["hidden_size"]
+    torch.manual_seed(seed)
+    sparse, colbert = torch.nn.Linear(hidden, 1), torch.nn.Linear(hidden, colbert_dim or hidden)
+    with torch.no_grad():
+        for linear in (sparse, colbert):
+            linear.weight.normal_(0, hidden ** -0.5)
+            linear.bias.normal_(0, 0.3)
+    torch.save({k: v.clone() for k, v in sparse.state_dict().items()}, folder / "sparse_linear.pt")
+    torch.save({k: v.clone() for k, v in colbert.state_dict().items()}, folder / "colbert_linear.pt")
+    return folder

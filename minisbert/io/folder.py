@@ -67,6 +67,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The SentencePiece model KoBertTokenizer.from_pretrained looks for.
 KOBERT_SPM_FILE = "tokenizer_78b3253a26.model"
+# The SentencePiece model of XLM-RoBERTa folders without tokenizer.json (``text/sentencepiece.py``), and
+# the tokenizer classes transformers reads it with (CamemBERT's file of the same name maps ids otherwise).
+XLMR_SPM_FILE = "sentencepiece.bpe.model"
+XLMR_TOKENIZER_CLASSES = ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast")
 
 # sentence-transformers' similarity functions for single-vector embeddings (``model.similarity``).
 SIMILARITY_FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
@@ -101,7 +105,7 @@ class TokenizerFiles:
     special_tokens_map: dict  # special_tokens_map.json ({} when absent)
     tokenizer_json: Path | None  # the tokenizers library's own file, used when present
     vocab_txt: Path | None  # WordPiece vocabulary (and KoBERT's piece -> id table)
-    sentencepiece: Path | None = None  # KoBERT's SentencePiece model
+    sentencepiece: Path | None = None  # KoBERT's SentencePiece model, or XLM-R's without tokenizer.json
     added_tokens: dict = field(default_factory=dict)  # added_tokens.json ({} when absent)
 
 
@@ -285,8 +289,9 @@ def read_settings(path: Path) -> Settings:
 
 
 def read_tokenizer_files(folder: Path, kobert: bool = False) -> TokenizerFiles:
-    """The tokenizer files of a transformer folder: ``tokenizer.json`` or ``vocab.txt`` (KoBERT: its
-    SentencePiece model and ``vocab.txt``), with ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+    """The tokenizer files of a transformer folder: ``tokenizer.json``, XLM-R's ``sentencepiece.bpe.model``
+    or ``vocab.txt`` (KoBERT: its SentencePiece model and ``vocab.txt``), with ``tokenizer_config.json`` and
+    ``special_tokens_map.json``."""
     folder = Path(folder)
     config = read_json(folder / "tokenizer_config.json", "tokenizer config", default={}, limit=TOKENIZER_LIMIT)
     check_tokenizer_config(config, folder / "tokenizer_config.json")
@@ -304,8 +309,16 @@ def read_tokenizer_files(folder: Path, kobert: bool = False) -> TokenizerFiles:
             spm = found[0]
         if "vocab.txt" not in present:
             raise ModelNotFoundError(f"{folder}: missing vocab.txt (KoBERT maps pieces to ids through it)")
+    elif not present and os.path.lexists(folder / XLMR_SPM_FILE):
+        spm = folder / XLMR_SPM_FILE
+        cls = config.get("tokenizer_class")
+        if cls is not None and cls not in XLMR_TOKENIZER_CLASSES:
+            raise ConfigError(f"{folder / 'tokenizer_config.json'}: tokenizer_class={cls!r} with only {XLMR_SPM_FILE}: "
+                              f"minisbert reads that file as {XLMR_TOKENIZER_CLASSES[0]} only")
+        if added:
+            raise ConfigError(f"{folder / 'added_tokens.json'}: added tokens are not supported with {XLMR_SPM_FILE}")
     elif not present:
-        raise ModelNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.txt with "
+        raise ModelNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, {XLMR_SPM_FILE}, or vocab.txt with "
                                  f"tokenizer_config.json)")
     return TokenizerFiles(folder, config, specials, present.get("tokenizer.json"), present.get("vocab.txt"),
                           spm, added)

@@ -1,9 +1,10 @@
 """Text -> padded id tensors with the ``tokenizers`` library, as sentence-transformers tokenizes.
 
-``tokenizer.json`` is used when present; otherwise a WordPiece tokenizer is rebuilt from
-``vocab.txt`` + ``tokenizer_config.json`` exactly as transformers' ``BertTokenizerFast`` converter
-builds it. Truncation is ``longest_first`` to ``max_seq_length`` counting ``[CLS]``/``[SEP]``; a batch
-is padded to its longest row; token type ids are not produced (every model here uses type 0).
+``tokenizer.json`` is used when present; otherwise XLM-R's Unigram is rebuilt from
+``sentencepiece.bpe.model`` (``text/sentencepiece.py``), or a WordPiece tokenizer from ``vocab.txt`` +
+``tokenizer_config.json``, exactly as transformers' converters build them. Truncation is
+``longest_first`` to ``max_seq_length`` counting ``[CLS]``/``[SEP]``; a batch is padded to its longest
+row; token type ids are not produced (every model here uses type 0).
 
 Two things happen before the ``tokenizers`` library sees a text (see ``TextTokenizer.encode_ids``):
 surrogate code points (``"\\ud800"``, which no UTF-8 string can hold and the library refuses, failing
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordPiece
+from tokenizers.models import Unigram, WordPiece
 
 from minisbert.errors import ConfigError
 from minisbert.io.files import TOKENIZER_LIMIT, read_text
 from minisbert.io.folder import TokenizerFiles
 from minisbert.text.long_texts import LongTexts, _has_lowercase, words_tokenized_alone
+from minisbert.text.sentencepiece import SPECIAL_DEFAULTS as SPM_SPECIALS
+from minisbert.text.sentencepiece import xlmr_from_spm
 
 # Surrogates are code points but not Unicode scalar values: Python strings can hold them (from
 # "\\ud800" escapes, or bytes decoded with errors="surrogateescape"), UTF-8 and the Rust tokenizer cannot.
@@ -122,9 +125,10 @@ def wordpiece_from_vocab(vocab_path: Path, tok_config: dict) -> Tokenizer:
 class TextTokenizer:
     """Tokenizes batches of text into (input_ids, attention_mask) tensors of shape (B, T)."""
 
-    def __init__(self, tokenizer: Tokenizer, pad_id: int, do_lower_case: bool = False):
+    def __init__(self, tokenizer: Tokenizer, pad_id: int, do_lower_case: bool = False, unk_token: str | None = None):
         self.tokenizer = tokenizer
         self.pad_id = pad_id
+        self._unk_token = unk_token  # the config's, for models that do not name theirs (Unigram)
         self.do_lower_case = do_lower_case
         if do_lower_case and not _has_lowercase(tokenizer.normalizer):
             # sentence-transformers (6.x) lowercases with a Lowercase step in front of the normaliser, not
@@ -141,7 +145,7 @@ class TextTokenizer:
     @classmethod
     def from_files(cls, files: TokenizerFiles, do_lower_case: bool, fallback_pad_id: int) -> "TextTokenizer":
         """The tokenizer of a transformer folder (``folder.read_tokenizer_files``): ``tokenizer.json`` when
-        present, else WordPiece from ``vocab.txt``."""
+        present, else XLM-R's Unigram from ``sentencepiece.bpe.model``, else WordPiece from ``vocab.txt``."""
         tok_config = files.config
         if files.tokenizer_json is not None:
             text = read_text(files.tokenizer_json, "tokenizer", TOKENIZER_LIMIT)
@@ -149,6 +153,15 @@ class TextTokenizer:
                 tok = Tokenizer.from_str(text)
             except Exception as e:  # the Rust side raises plain Exception
                 raise ConfigError(f"{files.tokenizer_json}: unreadable tokenizer ({e})") from None
+        elif files.sentencepiece is not None:
+            # transformers reads tokenizer_config.json, then lets special_tokens_map.json override it.
+            names = {**tok_config, **files.special_tokens_map}
+            specials = {k: names.get(k) for k in SPM_SPECIALS}  # strings or AddedToken dicts
+            prefix = tok_config.get("add_prefix_space", True)
+            if not isinstance(prefix, bool):
+                raise ConfigError(f"{files.folder / 'tokenizer_config.json'}: add_prefix_space={prefix!r} must be "
+                                  f"true or false")
+            tok = xlmr_from_spm(files.sentencepiece, specials, prefix)
         else:
             tok = wordpiece_from_vocab(files.vocab_txt, tok_config)
         pad_token = token_str(tok_config.get("pad_token"), "")
@@ -157,7 +170,7 @@ class TextTokenizer:
             pad_id = tok.padding.get("pad_id")
         if pad_id is None:
             pad_id = fallback_pad_id
-        return cls(tok, pad_id, do_lower_case)
+        return cls(tok, pad_id, do_lower_case, token_str(tok_config.get("unk_token"), "") or None)
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -166,8 +179,11 @@ class TextTokenizer:
 
     @property
     def unk_id(self) -> int | None:
-        """The unknown token's id, where the tokenizer's model has one (WordPiece, BPE)."""
+        """The unknown token's id, where the tokenizer's model has one (WordPiece, BPE; a Unigram's is the
+        config's ``unk_token``)."""
         name = getattr(self.tokenizer.model, "unk_token", None)
+        if name is None and isinstance(self.tokenizer.model, Unigram):
+            name = self._unk_token
         return self.tokenizer.token_to_id(name) if isinstance(name, str) else None
 
     @property
