@@ -40,7 +40,7 @@ def packed_mean_pool(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(N, C) packed tokens of B sequences with ``lengths`` (B,) summing to N -> (B, C) means."""
     acc = _acc_dtype(x.dtype)
     B = lengths.shape[0]
-    if not x.is_cuda and not torch.compiler.is_compiling():  # each text's rows are a view: sum them as ST does
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():  # each text's rows: a view, summed as ST does
         rows = torch.split(x[: int(lengths.sum())], lengths.tolist())
         total = torch.stack([r.to(acc).sum(dim=0) for r in rows]) if B else x.new_zeros((0, x.shape[1]), dtype=acc)
         return (total / lengths.to(acc).unsqueeze(1).clamp(min=1e-9)).to(x.dtype)
