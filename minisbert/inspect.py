@@ -145,7 +145,7 @@ def _tokenizer_info(tokenizer, folder: Path) -> dict:
     # TextTokenizer wraps a tokenizers.Tokenizer; KoBERT's tokenizer is SentencePiece + vocab.txt.
     if hasattr(tokenizer, "tokenizer"):
         kind = type(tokenizer.tokenizer.model).__name__
-        source = "tokenizer.json" if (folder / "tokenizer.json").is_file() else "vocab.txt"
+        source = next((f for f in ("tokenizer.json", "sentencepiece.bpe.model") if (folder / f).is_file()), "vocab.txt")
         vocab = tokenizer.tokenizer.get_vocab_size()
     else:
         kind, source, vocab = "SentencePiece (KoBERT)", "vocab.txt + *.model", len(tokenizer.vocab)

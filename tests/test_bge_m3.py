@@ -190,3 +190,18 @@ def test_head_files_are_read_safely(m3_folders, tmp_path):
     with pytest.raises(CheckpointError, match=r"'weight' has shape \(1, 32\)"):
         SentenceEncoder(wrong).encode_hybrid(["가"])
     assert json.loads((src / "config.json").read_text())["hidden_size"] == 64
+
+
+def test_save_keeps_the_sentencepiece_model_and_the_heads(m3_folders, tmp_path):
+    """A saved spm-only bge-m3 loads again with the same tokens, embeddings and hybrid outputs: the
+    SentencePiece model and both head files travel with it (minisbert trains neither head)."""
+    encoder = SentenceEncoder(m3_folders["spm-48"])
+    saved = tmp_path / "saved"
+    encoder.save(saved)
+    for name in ("sentencepiece.bpe.model", "sparse_linear.pt", "colbert_linear.pt"):
+        assert (saved / name).read_bytes() == (Path(m3_folders["spm-48"]) / name).read_bytes(), name
+    again = SentenceEncoder(saved)
+    a, b = encoder.encode_hybrid(TEXTS[:6]), again.encode_hybrid(TEXTS[:6])
+    assert np.array_equal(a["dense_vecs"], b["dense_vecs"])
+    assert a["lexical_weights"] == b["lexical_weights"]
+    assert all(np.array_equal(x, y) for x, y in zip(a["colbert_vecs"], b["colbert_vecs"]))

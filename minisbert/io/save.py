@@ -54,7 +54,10 @@ MODULE_TYPES = {
 }
 # Tokenizer files copied when the source folder has them (what minisbert and transformers read).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", KOBERT_SPM_FILE)
+                   "added_tokens.json", KOBERT_SPM_FILE, "sentencepiece.bpe.model")
+# bge-m3's lexical and ColBERT heads (FlagEmbedding's files at the folder's root): minisbert does not
+# train them, so a saved fine-tune carries them unchanged, as it carries the pooler.
+HEAD_FILES = ("sparse_linear.pt", "colbert_linear.pt")
 
 
 def save(encoder, path: str | os.PathLike, *, model_name: str | None = None, create_model_card: bool = True,
@@ -80,6 +83,7 @@ def save(encoder, path: str | os.PathLike, *, model_name: str | None = None, cre
     write_json(target / "sentence_bert_config.json",
                {"max_seq_length": encoder.max_seq_length, "do_lower_case": folder.do_lower_case})
     copy_tokenizer_files(Path(folder.tokenizer.folder), target)
+    copy_files(Path(folder.root), root, HEAD_FILES)
 
     def add(kind: str) -> Path:
         idx = len(modules)
@@ -225,7 +229,12 @@ def write_text(path: Path, text: str) -> None:
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> None:
-    for name in TOKENIZER_FILES:
+    copy_files(source, target, TOKENIZER_FILES)
+
+
+def copy_files(source: Path, target: Path, names: tuple[str, ...]) -> None:
+    """Each of ``names`` that ``source`` holds, copied into ``target`` atomically."""
+    for name in names:
         src, dst = source / name, target / name
         if not src.is_file():
             continue
