@@ -282,24 +282,12 @@ def test_dropout_noise_equals_transformers(tmp_path):
     within 4 standard errors (Welch), as tests/test_train.py checks it for the other architectures.
     Measured: leaving out the GeGLU's, the attention output's or the probabilities' dropout on our side
     gives z = -6.3, -9.2, -7.3."""
-    from sentence_transformers import SentenceTransformer
+    from test_train import dropout_noise
 
     path = make_modernbert_checkpoint(tmp_path / "noisy", max_seq_length=64, seed=4, config=dict(
         embedding_dropout=0.1, attention_dropout=0.1, mlp_dropout=0.1, initializer_range=0.3))
-    texts, K = corpus(16, seed=5), 200
-    torch.manual_seed(0)
-    with single_thread(), torch.no_grad():
-        ours = SentenceEncoder(str(path))
-        clean = ours.embed_for_training(texts)
-        with ours.mode(train=True):
-            a = np.array([((ours.embed_for_training(texts) - clean) ** 2).mean().item() for _ in range(K)])
-        st = SentenceTransformer(str(path), device="cpu").eval()
-        features = st.preprocess(texts)
-        clean = st(dict(features))["sentence_embedding"]
-        st.train()
-        b = np.array([((st(dict(features))["sentence_embedding"] - clean) ** 2).mean().item() for _ in range(K)])
-    z = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / K + b.var(ddof=1) / K)
-    print(f"modernbert dropout noise: minisbert {a.mean():.4e}, transformers {b.mean():.4e} (z = {z:.1f})")
+    z, a, b = dropout_noise(path)
+    print(f"modernbert dropout noise: minisbert {a:.4e}, transformers {b:.4e} (z = {z:.1f})")
     assert abs(z) <= 4
 
 

@@ -510,9 +510,16 @@ def test_dropout_noise_equals_transformers(noisy_checkpoints, arch):
     within 4 standard errors (Welch). Measured with 100 forwards: leaving out any one dropout site
     (embeddings, attention probabilities, attention output, FFN output, DeBERTa's relative table) moves
     the mean by 5-27% and z by 4-27; 200 forwards put each at z >= 5.6."""
+    z, a, b = dropout_noise(noisy_checkpoints[arch])
+    assert abs(z) <= 4, f"dropout noise: minisbert {a:.4e}, transformers {b:.4e} (z = {z:.1f})"
+
+
+def dropout_noise(path: Path, K: int = 200) -> tuple[float, float, float]:
+    """Welch's z of the two sides' train-mode noise (the mean squared deviation of 16 texts' embeddings
+    from eval mode, over ``K`` forwards each), and the two mean noises."""
     from sentence_transformers import SentenceTransformer
 
-    path, texts, K = noisy_checkpoints[arch], corpus(16, seed=5), 200
+    texts = corpus(16, seed=5)
     torch.manual_seed(0)
     with single_thread(), torch.no_grad():
         ours = SentenceEncoder.from_pretrained(path)
@@ -525,7 +532,7 @@ def test_dropout_noise_equals_transformers(noisy_checkpoints, arch):
         st.train()
         b = np.array([((st(dict(features))["sentence_embedding"] - clean) ** 2).mean().item() for _ in range(K)])
     z = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / K + b.var(ddof=1) / K)
-    assert abs(z) <= 4, f"dropout noise: minisbert {a.mean():.4e}, transformers {b.mean():.4e} (z = {z:.1f})"
+    return float(z), float(a.mean()), float(b.mean())
 
 
 @pytest.mark.slow
