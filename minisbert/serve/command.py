@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to answer a request: 503 with Retry-After past it")
     g.add_argument("--max-connections", type=positive_int, default=d.max_connections,
                    help="open connections: uvicorn answers 503 past it")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (info: one line per request)")
 
 
 def uvicorn_module():
