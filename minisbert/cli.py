@@ -1,5 +1,5 @@
 """The minisbert command (also ``python -m minisbert``): encode, embed-corpus, download, convert, eval-sts,
-inspect, train.
+inspect, train, serve.
 
 Every argument is checked before a model loads (loading takes seconds), and every error is one line
 on stderr with exit status 2: the message names the file, flag or key at fault.
@@ -269,7 +269,21 @@ def run_embed_corpus(args) -> int:
     return 0
 
 
-# name -> (add the subcommand's parser, run it); eval-sts, inspect and train live in their own modules.
+def _add_serve(sub) -> None:
+    from minisbert.serve import command  # imported here: only ``serve`` needs the room (and its extra, to run)
+
+    command.add_arguments(sub.add_parser(
+        "serve", help="an OpenAI- and text-embeddings-inference-compatible embeddings server (docs/serving.md)",
+        formatter_class=HelpFormatter))
+
+
+def run_serve(args) -> int:
+    from minisbert.serve import command
+
+    return command.run(args)
+
+
+# name -> (add the subcommand's parser, run it); eval-sts, inspect, train and serve live in their own modules.
 COMMANDS = {
     "encode": (_add_encode, run_encode),
     "embed-corpus": (_add_embed_corpus, run_embed_corpus),
@@ -285,6 +299,7 @@ COMMANDS = {
         "train", help="fine-tune with a recipe (sentence-transformers' fit: MultipleNegativesRankingLoss, "
         "CosineSimilarityLoss, several objectives)",
         formatter_class=HelpFormatter)), train.run),
+    "serve": (_add_serve, run_serve),
 }
 
 

@@ -18,7 +18,7 @@ ROOMS = [
     {"loading"},
     {"runner", "fast", "trace"},
     {"encoder", "encoding"},
-    {"train", "corpus", "sts", "inspect"},
+    {"train", "corpus", "sts", "inspect", "serve", "integrations"},
     {"cli", "__main__", "__init__"},
 ]
 FLOOR = {room: i for i, rooms in enumerate(ROOMS) for room in rooms}
