@@ -12,13 +12,17 @@ in [0, 1]. The formats:
   ``[s, entailed, contradicted]`` and ``[entailed', s, contradicted']``, each partner drawn at random.
   Several files (MultiNLI and SNLI) pool into one table, as that loader globs ``*train.ko.tsv``;
 - ``triplets``, ``pairs``, ``scored-pairs``: plain TSVs, tab-separated, no header line, 3, 2 and 3
-  fields (the last a score in [0, 1]).
+  fields (the last a score in [0, 1]);
+- ``dataset``: a table as sentence-transformers' trainer takes a dataset (JSON Lines, Parquet, CSV,
+  TSV with a header): (anchor, positive, negative_1 .. negative_n) or (sentence1, sentence2, score),
+  a ``score`` or ``label`` column the score, every other column a text in the table's order.
 
 A sampler is an endless stream of batches (lists of example indices) that behaves like what
 ``old_fit`` iterates: ``sequential`` (file order, a DataLoader without shuffling), ``shuffle`` (a new
 permutation every pass, a DataLoader with ``shuffle=True``), ``no_duplicates`` (sentence-transformers'
 ``NoDuplicatesDataLoader``: no text twice in a batch, compared stripped and lowercased). ``len`` is the
-number of batches per pass, which sets ``old_fit``'s epoch length.
+number of batches per pass, which sets ``old_fit``'s epoch length. ``drop_last`` (several ranks) leaves
+out a pass's last, smaller batch, so every global batch splits into equal shards.
 """
 
 from __future__ import annotations
@@ -173,7 +177,7 @@ def _parquet_rows(path: Path):
         import pyarrow.parquet as pq
     except ImportError:
         from minisbert.errors import MissingDependencyError
-        raise MissingDependencyError("reading Parquet needs pyarrow: pip install 'minisbert[parquet]'") from None
+        raise MissingDependencyError("reading Parquet needs pyarrow: pip install 'minisbert[train]'") from None
     table = pq.read_table(path)
     for i, row in enumerate(table.to_pylist(), 1):
         yield i, row
