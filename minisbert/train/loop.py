@@ -24,6 +24,11 @@ column padded to its own longest; the linears then run on ~1.5x fewer padded pos
 KorSTS's lengths. Groups change only the order of float sums (``tests/test_train.py`` holds the
 steps to ``old_fit``'s within rounding).
 
+Beyond old_fit, in the same loop: a Cached loss runs its own backward passes (``cached.py``) where the
+others call ``backward``; under torchrun each rank takes its shard of every global batch and the
+gradients are averaged before clipping (``distributed.py``); every ``checkpoint_save_steps`` steps the
+training state is saved, and ``resume`` starts from it (``state.py``).
+
 The output folder gets the model (sentence-transformers layout), ``eval/similarity_evaluation_*_results.csv``
 (sentence-transformers' columns) and ``train_loss.csv`` (every objective's loss and learning rate per step).
 
