@@ -52,14 +52,16 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     rank, size = world()
     if size == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    # A parameter the loss never reached has no gradient on any rank (the same graph everywhere): it
+    # stays without one, so AdamW skips it as in one process.
+    params = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
     flat /= size
     offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset: offset + n].view_as(p))
         offset += n
 
 
