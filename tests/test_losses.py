@@ -336,3 +336,27 @@ def test_steps_equal_old_fit(tiny, tmp_path, case):
     print(f"\n{case}: loss rel max {rel.max():.2e}, embeddings {diff:.2e}")
     assert rel.max() <= 1e-4, rel
     assert diff <= 5e-3
+
+
+def test_cached_loss_under_a_loss_scaler(tiny, tmp_path, monkeypatch):
+    """fp16 AMP's loss scaling (a CPU GradScaler in its place, as test_train's scaler test): the cached
+    loss scales its embeddings' gradients by the scaler's factor, so a steady scale gives float32's run
+    bit for bit (a power of two scales exactly; clipping sees the unscaled gradients)."""
+    import json
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(dict(zip(("anchor", "positive", "negative"), t))) + "\n"
+                            for t in examples(3, n=16).texts), encoding="utf-8")
+    rec = train.parse_recipe({"objectives": [{"data": str(data), "format": "dataset", "batch_size": 8,
+                                              "loss": "CachedMultipleNegativesRankingLoss",
+                                              "loss_params": {"mini_batch_size": 3}}],
+                              "fit": {"epochs": 2, "warmup_steps": 1, "optimizer_params": {"lr": 1e-3}}})
+    with single_thread():
+        a, b = SentenceEncoder.from_pretrained(tiny), SentenceEncoder.from_pretrained(tiny)
+        fp32 = train.fit(a, rec, None, progress=False)
+        monkeypatch.setattr(loop, "precision", lambda use_amp, device: (
+            None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10 ** 6)))
+        scaled = train.fit(b, rec, None, progress=False)
+    assert scaled.losses == fp32.losses
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)

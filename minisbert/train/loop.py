@@ -121,7 +121,8 @@ def fit(encoder: SentenceEncoder, recipe: Recipe, output: str | Path | None = No
                     batch = distributed.shard(next(streams[k]), rank, size)  # this rank's part
                     scale = scaler.get_scale()  # 1.0 when the scaler is off
                     if task.mini_batch_size is not None:  # gradient caching does its own backward passes
-                        loss = cached_loss(encoder, task, batch, amp_dtype, scale, loss_rng)
+                        factor = scaler.scale(torch.ones((), device=device)).item()  # (and starts the scaler)
+                        loss = cached_loss(encoder, task, batch, amp_dtype, factor, loss_rng)
                     else:
                         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             loss = batch_loss(encoder, task, batch, loss_rng)
