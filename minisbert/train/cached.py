@@ -36,11 +36,11 @@ def set_random_state(state: tuple, device: torch.device) -> None:
 def cached_backward(embed: Callable[[list[str]], torch.Tensor], columns: list[list[str]],
                     loss_of: Callable[[list[torch.Tensor]], torch.Tensor], mini_batch_size: int,
                     device: torch.device, grad_scale: float = 1.0,
-                    autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
     """The loss of ``columns`` (K lists of B texts) with its gradients accumulated into the parameters
     that ``embed`` uses; returns the loss, detached (its backward is done). ``grad_scale``: a loss
-    scaler's factor, applied to the embeddings' gradients (float16 AMP). ``autocast``: a fresh autocast
-    context for each forward (None: float32)."""
+    scaler's factor, applied to the embeddings' gradients (float16 AMP). ``autocast``: makes a fresh
+    autocast context for each forward (None: float32)."""
     amp = autocast or contextlib.nullcontext
     chunks, states = [], []  # per column: its mini-batches' texts; their random states
     with torch.no_grad():
