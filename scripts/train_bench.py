@@ -140,7 +140,7 @@ def scaling(args) -> None:
     print("| global batch | loss | ranks | examples/s | peak memory over the model (MiB, per rank) |")
     print("|---|---|---|---|---|")
     for batch in args.batches:
-        for cached in (False, True):
+        for cached in [kind == "cached" for kind in args.losses]:
             for ranks in (1, 2):
                 one = [__file__, "--scaling-one", "--model", args.model, "--batch-size", str(batch),
                        "--steps", str(args.steps), "--max-seq-length", str(args.max_seq_length)] + \
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024], help="--scaling's global batches")
     parser.add_argument("--max-seq-length", type=int, default=64, help="--scaling's max_seq_length")
+    parser.add_argument("--losses", nargs="+", choices=("mnr", "cached"), default=["mnr", "cached"],
+                        help="--scaling's losses (uncached MNR at batch 1024 needs ~16 GB)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model folder or short name")
     parser.add_argument("--loss", choices=("cosine", "mnr"), default="cosine")
     parser.add_argument("--batch-size", type=int, default=32)
