@@ -1,5 +1,5 @@
 """The minisbert command (also ``python -m minisbert``): encode, embed-corpus, download, convert, eval-sts,
-inspect, train, serve.
+inspect, train, mine-hard-negatives, serve.
 
 Every argument is checked before a model loads (loading takes seconds), and every error is one line
 on stderr with exit status 2: the message names the file, flag or key at fault.
@@ -299,6 +299,9 @@ COMMANDS = {
         "train", help="fine-tune with a recipe (sentence-transformers' fit: MultipleNegativesRankingLoss, "
         "CosineSimilarityLoss, several objectives)",
         formatter_class=HelpFormatter)), train.run),
+    "mine-hard-negatives": (lambda sub: train.add_mine_arguments(sub.add_parser(
+        "mine-hard-negatives", help="hard negatives for (anchor, positive) pairs, mined with the model "
+        "(sentence-transformers' mine_hard_negatives)", formatter_class=HelpFormatter)), train.run_mine),
     "serve": (_add_serve, run_serve),
 }
 

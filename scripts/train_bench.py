@@ -10,6 +10,15 @@ AdamW). Prints examples/s per round and the median ratio.
     python scripts/train_bench.py                         # all-MiniLM-L6-v2, 6 rounds of 8 steps
     python scripts/train_bench.py --loss mnr --batch-size 64 --rounds 4
     python scripts/train_bench.py --model PATH --device cuda --amp   # AMP on both (fp16 + grad scaling)
+
+``--scaling``: minisbert alone, MultipleNegativesRankingLoss against CachedMultipleNegativesRankingLoss
+(mini-batches of 32) on KorNLI (anchor, positive) pairs at global batches 64, 256 and 1024, in one process
+and in 2 gloo ranks (each half the batch, ``gather_across_devices``: the same global batch). Each
+configuration runs in fresh processes: one warm-up step, then ``--steps`` timed steps; examples/s over
+the timed steps, and the peak resident memory of training over the loaded model (VmHWM after
+``/proc/self/clear_refs``; the largest rank's).
+
+    python scripts/train_bench.py --scaling --steps 2 [--batches 64 256 1024] [--max-seq-length 64]
 """
 
 from __future__ import annotations
@@ -81,8 +90,85 @@ def run_old_fit(st, rows, fmt, loss, params, batch_size, steps, amp) -> None:
                show_progress_bar=False)
 
 
+def scaling_one(args) -> None:
+    """One configuration in this process (or this torchrun rank): prints a JSON line."""
+    from minisbert.train import distributed
+
+    distributed.init(torch.device("cpu"))
+    rank, ranks = distributed.world()
+    examples, *_ = load_examples("mnr")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.tsv"
+        rows = examples.texts[: args.batch_size * (args.steps + 1)]
+        data.write_text("".join(f"{a}\t{p}\n" for a, p, _ in rows), encoding="utf-8")
+        loss = "CachedMultipleNegativesRankingLoss" if args.cached else "MultipleNegativesRankingLoss"
+        params = {"gather_across_devices": ranks > 1, **({"mini_batch_size": 32} if args.cached else {})}
+
+        def recipe(steps):
+            return train.parse_recipe({
+                "max_seq_length": args.max_seq_length,
+                "objectives": [{"data": str(data), "format": "pairs", "loss": loss, "loss_params": params,
+                                "batch_size": args.batch_size // ranks, "sampler": "sequential"}],
+                "fit": {"epochs": 1, "steps_per_epoch": steps, "warmup_steps": 2}})
+
+        encoder = SentenceEncoder.from_pretrained(str(resolve(args.model)))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident size starts again from here
+        base = rss("VmRSS")
+        train.fit(encoder, recipe(1), None, progress=False)  # warm-up
+        start = time.perf_counter()
+        train.fit(encoder, recipe(args.steps), None, progress=False)
+        seconds = time.perf_counter() - start
+        peak = rss("VmHWM") - base
+    print(json.dumps({"rank": rank, "examples_per_s": args.batch_size * args.steps / seconds, "peak_mib": peak}),
+          flush=True)
+
+
+def rss(field: str) -> float:
+    """A /proc/self/status size in MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def scaling(args) -> None:
+    import subprocess
+
+    print(f"CPU: {cpu_kind().describe()}, {os.cpu_count()} vCPUs; model {args.model}, KorNLI pairs, "
+          f"max_seq_length {args.max_seq_length}, {args.steps} timed steps")
+    print("| global batch | loss | ranks | examples/s | peak memory over the model (MiB, per rank) |")
+    print("|---|---|---|---|---|")
+    for batch in args.batches:
+        for cached in [kind == "cached" for kind in args.losses]:
+            for ranks in (1, 2):
+                one = [__file__, "--scaling-one", "--model", args.model, "--batch-size", str(batch),
+                       "--steps", str(args.steps), "--max-seq-length", str(args.max_seq_length)] + \
+                    (["--cached"] if cached else [])
+                launch = [sys.executable] if ranks == 1 else \
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() // ranks))
+                done = subprocess.run(launch + one, capture_output=True, text=True, env=env)
+                lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+                if done.returncode != 0 or not lines:
+                    print(f"| {batch} | {'cached' if cached else 'MNR'} | {ranks} | failed: "
+                          f"{done.stderr.strip().splitlines()[-1:]} | |", flush=True)
+                    continue
+                rate = min(r["examples_per_s"] for r in lines)
+                peak = max(r["peak_mib"] for r in lines)
+                name = "CachedMNR (mini-batch 32)" if cached else "MNR"
+                print(f"| {batch} | {name} | {ranks} | {rate:.1f} | {peak:.0f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scaling", action="store_true", help="the caching and ranks table (see above)")
+    parser.add_argument("--scaling-one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024], help="--scaling's global batches")
+    parser.add_argument("--max-seq-length", type=int, default=64, help="--scaling's max_seq_length")
+    parser.add_argument("--losses", nargs="+", choices=("mnr", "cached"), default=["mnr", "cached"],
+                        help="--scaling's losses (uncached MNR at batch 1024 needs ~16 GB)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model folder or short name")
     parser.add_argument("--loss", choices=("cosine", "mnr"), default="cosine")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -94,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.scaling_one:
+        return scaling_one(args)
+    if args.scaling:
+        return scaling(args)
 
     from sentence_transformers import SentenceTransformer
 

@@ -287,10 +287,10 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 
 def test_shipped_recipes(tmp_path):
-    """Every recipe under recipes/ parses once its data paths exist, and its fit block is the one a seed
-    card prints (the cards are in ../shared/seeds)."""
+    """Every recipe under recipes/ parses once its data paths exist, and a seed card's recipe has the fit
+    block that card prints (the cards are in ../shared/seeds; kure-v1-like.json follows no seed card)."""
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.json"))
-    assert len(recipes) == 4
+    assert len(recipes) == 5
     cards = sorted((REPO.parent / "shared" / "seeds").glob("*.txt"))  # the seed cards, where present
     printed = []
     for card in cards:
@@ -308,7 +308,7 @@ def test_shipped_recipes(tmp_path):
         if raw["objectives"][-1]["format"] == "korsts":
             raw["objectives"][-1]["data"] = sts
         train.parse_recipe(raw, str(path))
-        if cards:
+        if cards and path.name != "kure-v1-like.json":
             assert raw["fit"] in printed, f"{path.name}: its fit block is on no seed card"
 
 

@@ -40,11 +40,20 @@ class Evaluator:
         self.rows.append(row)
         log.info("epoch %d, steps %d: cosine Spearman %.4f, score %.4f", epoch, steps, row["cosine_spearman"],
                  row["score"])
-        if self.csv is not None:
-            self.csv.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.csv.exists()
-            with open(self.csv, "a", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                if new:
-                    writer.writerow(["epoch", "steps", *METRICS])
-                writer.writerow([epoch, steps, *(figures[k] for k in METRICS)])
+        self.write([row], append=True)
+
+    def write(self, rows: list[dict], append: bool) -> None:
+        if self.csv is None:
+            return
+        self.csv.parent.mkdir(parents=True, exist_ok=True)
+        new = not append or not self.csv.exists()
+        with open(self.csv, "a" if append else "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["epoch", "steps", *METRICS])
+            for row in rows:
+                writer.writerow([row["epoch"], row["steps"], *(row[k] for k in METRICS)])
+
+    def rewrite(self) -> None:
+        """The CSV as ``rows`` say (a resumed run: evaluations after its saved state are dropped)."""
+        self.write(self.rows, append=False)

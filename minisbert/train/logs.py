@@ -12,13 +12,19 @@ from tqdm.auto import tqdm
 
 
 class LossLog:
-    """``output/train_loss.csv``: epoch, step, objective, loss, lr; without an output folder, nothing."""
+    """``output/train_loss.csv``: epoch, step, objective, loss, lr; without an output folder, nothing.
+    ``resumed_at`` > 0: a resumed run's log, its rows up to that step kept, later ones dropped."""
 
-    def __init__(self, output: Path | None):
+    def __init__(self, output: Path | None, resumed_at: int = 0):
+        kept = []
+        if output is not None and resumed_at and (output / "train_loss.csv").exists():
+            with open(output / "train_loss.csv", newline="", encoding="utf-8") as f:
+                kept = [r for r in list(csv.reader(f))[1:] if int(r[1]) <= resumed_at]
         self.file = open(output / "train_loss.csv", "w", newline="", encoding="utf-8") if output is not None else None
         self.writer = csv.writer(self.file) if self.file is not None else None
         if self.writer is not None:
             self.writer.writerow(["epoch", "step", "objective", "loss", "lr"])
+            self.writer.writerows(kept)
 
     def write(self, record: dict) -> None:
         if self.writer is not None:

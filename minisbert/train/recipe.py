@@ -17,19 +17,20 @@ from typing import NoReturn
 from minisbert import checks
 from minisbert.errors import RecipeError
 from minisbert.train.data import SAMPLERS
-from minisbert.train.losses import get_loss
+from minisbert.train.losses import describe_columns, get_loss
 
 # The fit block: old_fit's parameters and defaults. The cards print the first ten.
 FIT_DEFAULTS = {
     "epochs": 1, "steps_per_epoch": None, "scheduler": "WarmupLinear", "warmup_steps": 10000,
     "optimizer_class": "AdamW", "optimizer_params": {"lr": 2e-5}, "weight_decay": 0.01,
     "evaluation_steps": 0, "evaluator": None, "max_grad_norm": 1, "use_amp": False, "save_best_model": True,
+    "checkpoint_save_steps": 0, "checkpoint_save_total_limit": 0,  # 0: no training state; keep every one
 }
 SCHEDULERS = ("constantlr", "warmupconstant", "warmuplinear", "warmupcosine", "warmupcosinewithhardrestarts")
 OPTIMIZER_PARAMS = ("lr", "eps", "betas")
 # format -> (text columns per example, whether it has a score)
 FORMAT_COLUMNS = {"korsts": (2, True), "kornli": (3, False), "triplets": (3, False), "pairs": (2, False),
-                  "scored-pairs": (2, True)}
+                  "scored-pairs": (2, True), "dataset": None}  # dataset: the columns its header names
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class FitParams:
     max_grad_norm: float
     use_amp: bool
     save_best_model: bool
+    checkpoint_save_steps: int = 0  # a training state (state.py) every that many steps; 0: none
+    checkpoint_save_total_limit: int = 0  # the newest that many kept; 0: all
 
 
 @dataclass(frozen=True)
@@ -105,18 +108,19 @@ def parse_objective(obj, key: str, where: str) -> Objective:
     if fmt not in FORMAT_COLUMNS:
         fail(where, f"{key}.format", f"{fmt!r} is not one of {', '.join(FORMAT_COLUMNS)}")
     try:
-        loss, params = get_loss(obj["loss"], obj.get("loss_params", {}) or {})
+        loss, _ = get_loss(obj["loss"], obj.get("loss_params", {}) or {})
     except ValueError as e:
         fail(where, f"{key}.loss", str(e))
-    columns, scored = FORMAT_COLUMNS[fmt]
-    if columns not in loss.columns or scored != loss.scored:
+    columns, scored = FORMAT_COLUMNS[fmt] or (None, None)  # a dataset is checked once read (loop.check_columns)
+    if columns is not None and (columns not in loss.columns or scored != loss.scored):
         fail(where, f"{key}.format", f"{fmt!r} gives {columns} texts{' and a score' if scored else ''} per example; "
-                                     f"{obj['loss']} takes {' or '.join(map(str, loss.columns))} texts"
+                                     f"{obj['loss']} takes {describe_columns(loss.columns)} texts"
                                      f"{' and a score' if loss.scored else ' and no score'}")
     sampler = obj.get("sampler", "sequential")
     if sampler not in SAMPLERS:
         fail(where, f"{key}.sampler", f"{sampler!r} is not one of {', '.join(SAMPLERS)}")
-    return Objective(paths(obj["data"], f"{key}.data", where), fmt, obj["loss"], params,
+    # The params as written (checked above; the loop resolves them again, a guide's name into a model).
+    return Objective(paths(obj["data"], f"{key}.data", where), fmt, obj["loss"], dict(obj.get("loss_params") or {}),
                      integer(obj["batch_size"], f"{key}.batch_size", where), sampler)
 
 
@@ -149,7 +153,10 @@ def parse_fit(fit, where: str) -> FitParams:
         weight_decay=number(fit["weight_decay"], "fit.weight_decay", where),
         evaluation_steps=integer(fit["evaluation_steps"], "fit.evaluation_steps", where, low=0),
         max_grad_norm=number(fit["max_grad_norm"], "fit.max_grad_norm", where),
-        use_amp=fit["use_amp"], save_best_model=fit["save_best_model"])
+        use_amp=fit["use_amp"], save_best_model=fit["save_best_model"],
+        checkpoint_save_steps=integer(fit["checkpoint_save_steps"], "fit.checkpoint_save_steps", where, low=0),
+        checkpoint_save_total_limit=integer(fit["checkpoint_save_total_limit"], "fit.checkpoint_save_total_limit",
+                                            where, low=0))
 
 
 def parse_optimizer_params(params, where: str) -> dict:
