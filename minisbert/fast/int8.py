@@ -135,12 +135,17 @@ def keeps_static(observer: RangeObserver, ratio: float | None = None) -> bool:
     return static <= (STATIC_ERROR_RATIO if ratio is None else ratio) * dynamic
 
 
-def save_ranges(ranges: list[dict[str, list[float]]], path) -> None:
-    """Write ``observe``'s per-block ranges as JSON (``minisbert quantize --calibrate``)."""
+def dumps_ranges(ranges: list[dict[str, list[float]]]) -> str:
+    """``observe``'s per-block ranges as the JSON text ``load_ranges`` reads (``minisbert quantize``)."""
     import json
+
+    return json.dumps({"format": "minisbert-int8-ranges", "version": 1, "blocks": ranges})
+
+
+def save_ranges(ranges: list[dict[str, list[float]]], path) -> None:
     from pathlib import Path
 
-    Path(path).write_text(json.dumps({"format": "minisbert-int8-ranges", "version": 1, "blocks": ranges}))
+    Path(path).write_text(dumps_ranges(ranges))
 
 
 def load_ranges(path) -> list[dict[str, list[float]]]:
