@@ -196,7 +196,7 @@ def st_openvino(path: Path, threads: int, max_seq_length: int, dtype: torch.dtyp
     return model
 
 
-def st_openvino_int8(fp32_model, path: Path, threads: int, max_seq_length: int, calibration: list[str]):
+def st_openvino_int8(path: Path, threads: int, max_seq_length: int, calibration: list[str]):
     """sentence-transformers' ``export_static_quantized_openvino_model`` (NNCF post-training static int8,
     its default ``OVQuantizationConfig``) calibrated on ``calibration`` instead of its default set, GLUE
     SST-2 from the Hugging Face hub (unreachable offline, and English): the same export with the dataset
@@ -218,6 +218,8 @@ def st_openvino_int8(fp32_model, path: Path, threads: int, max_seq_length: int, 
         return data.map(lambda rows: preprocess_function(rows), batched=True, remove_columns=["sentence"])
 
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads)}
+    # Its own fp32 model to export from: the quantizer replaces the OpenVINO graph of the model it is given.
+    fp32_model = st_openvino(path, threads, max_seq_length, torch.float32)
     with tempfile.TemporaryDirectory() as tmp, quiet():
         folder = Path(tmp) / "m"
         shutil.copytree(path, folder)
@@ -498,7 +500,7 @@ def main(argv=None) -> dict:
             if args.bf16:
                 systems["st-openvino-bf16"] = st_openvino(st_folder, threads, ours.max_seq_length, torch.bfloat16)
             if args.quantize:
-                static = st_openvino_int8(model, st_folder, threads, ours.max_seq_length, calibration)
+                static = st_openvino_int8(st_folder, threads, ours.max_seq_length, calibration)
                 if static is not None:
                     systems["st-openvino-int8"] = static
 

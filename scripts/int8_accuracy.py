@@ -24,8 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from bench import RANDOM, build_random, calibration_texts, onnx_systems, st_openvino, st_openvino_int8, workload  # noqa: E402,E501
+from bench import RANDOM, build_random, calibration_texts, onnx_systems, st_openvino_int8, workload  # noqa: E402
 from conftest import shared_data  # noqa: E402
 
 from minisbert import SentenceEncoder  # noqa: E402
@@ -72,8 +71,7 @@ def main(argv=None) -> dict:
             systems["st-onnx-int8"] = onnx["st-onnx-int8"]
         if args.openvino_int8:
             folder, length = Path(systems["fp32"].source), systems["fp32"].max_seq_length
-            systems["st-openvino-int8"] = st_openvino_int8(st_openvino(folder, 2, length, torch.float32), folder, 2,
-                                                           length, calibration)
+            systems["st-openvino-int8"] = st_openvino_int8(folder, 2, length, calibration)
         emb = {k: np.asarray(e.encode(texts, batch_size=32), dtype=np.float32) for k, e in systems.items()}
         row = {}
         for k in systems:

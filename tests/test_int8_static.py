@@ -61,6 +61,12 @@ def test_static_linear_is_its_definition(act):
     if act is None:
         fused = lin.add(x[:64], residual)
         assert torch.allclose(fused, lin(x[:64]) + residual, atol=1e-5)
+        # ... and accumulated in place into a view of a larger tensor, the rest untouched
+        big = torch.randn(128, 96, generator=g)
+        into = big.clone()
+        assert lin.add_(x[:64], into[32:96]).data_ptr() == into[32:96].data_ptr()
+        assert torch.allclose(into[32:96], fused - residual + big[32:96], atol=1e-5)
+        assert torch.equal(into[:32], big[:32]) and torch.equal(into[96:], big[96:])
     # Outside the calibrated range the input saturates, as any static scale does.
     assert torch.equal(lin(x * 0 + 10 * high)[:1], lin(x * 0 + 20 * high)[:1])
 

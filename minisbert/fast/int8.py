@@ -83,8 +83,9 @@ def affine(low: float, high: float) -> tuple[float, int]:
 
 
 def to_uint8(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
-    """(N, K) float -> (N, K) uint8 round(x / scale) + zero, saturated: one fused pass of torch's quantizer
-    (the int8 values read out of its quantized tensor)."""
+    """(N, K) float -> (N, K) uint8 round(x / scale) + zero, saturated: one fused pass of torch's quantizer,
+    its quantized tensor's bytes read out by ``int_repr()`` (a copy, 1 byte per value; ``.view(torch.uint8)``
+    leaves a tensor torch still treats as quantized)."""
     with warnings.catch_warnings():  # torch calls its quantized tensors deprecated; only their kernel is used
         warnings.simplefilter("ignore", UserWarning)
         return torch.quantize_per_tensor(x, scale, zero, torch.quint8).int_repr()

@@ -163,6 +163,16 @@ class Linear:
                                                              "add", 1.0, "none", [], "")
         return self(x).add_(residual)
 
+    def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += x W^T + b in place (static int8: oneDNN's "sum" post-op accumulates into it)."""
+        if self.backend == "int8-static" and self.post == "none" and self.out_q is None and x.shape[0] % ROWS == 0 \
+                and residual.is_contiguous():
+            scale, zero = self.in_q
+            return torch.ops.onednn.qlinear_pointwise.binary(self._quantized(x), scale, zero, self.weight, self.scale,
+                                                             self.zero, residual, self.bias, 1.0, 0, torch.float32,
+                                                             1.0, 0, "sum", 1.0, "none", [], "")
+        return residual.add_(self(x))
+
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         """(N, K) float or uint8 -> (N, K) uint8 at the calibrated scale."""
         return x if x.dtype == torch.uint8 else to_uint8(x, *self.in_q)

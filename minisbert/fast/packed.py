@@ -95,6 +95,10 @@ class PackedBlock:
             return self.ffn_ln(self.down.add(self.up(x), x))
         # On the CPU the FFN runs on chunks of rows, so each chunk's (rows, 4C) intermediate is read back
         # by the down-projection from cache, not memory; the residual sum lands in place (add's out=).
+        if self.down.backend == "int8-static":  # x is this block's own: the down-projection adds into it
+            for s in range(0, x.shape[0], step):
+                self.down.add_(self.up(x[s: s + step]), x[s: s + step])
+            return self.ffn_ln(x)
         h = torch.empty_like(x)
         for s in range(0, x.shape[0], step):
             torch.add(x[s: s + step], self.down(self.up(x[s: s + step])), out=h[s: s + step])
