@@ -1,5 +1,5 @@
 """The minisbert command (also ``python -m minisbert``): encode, embed-corpus, download, convert, eval-sts,
-inspect, train, mine-hard-negatives, serve.
+inspect, train, mine-hard-negatives, quantize, serve.
 
 Every argument is checked before a model loads (loading takes seconds), and every error is one line
 on stderr with exit status 2: the message names the file, flag or key at fault.
@@ -23,6 +23,7 @@ from minisbert.corpus import job as corpus_job
 from minisbert.corpus import ray_engine
 from minisbert.encoder import SentenceEncoder
 from minisbert.errors import MinisbertError
+from minisbert.fast import int8
 from minisbert.io import hub
 from minisbert.io.files import write_atomically
 from minisbert.io.weights import convert_to_safetensors
@@ -67,6 +68,9 @@ def _add_encode(sub) -> None:
     p.add_argument("--quantize", choices=QUANTIZE,
                    help="run the linear layers in int8 on the CPU: faster, inexact (cosine to float32 >= 0.99; "
                         "docs/performance.md)")
+    p.add_argument("--int8-ranges", metavar="FILE",
+                   help="with --quantize int8: static int8 from the input ranges 'minisbert quantize --calibrate' "
+                        "wrote (faster; where a range was not kept, that layer stays dynamic)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--prompt-name", help="prepend this prompt of the model's config_sentence_transformers.json")
     p.add_argument("--prompt", help="prepend this text to every text (instead of the model's default prompt)")
@@ -132,6 +136,9 @@ def run_encode(args) -> int:
     # Everything that can be wrong with the arguments fails here, before seconds of loading.
     device, dtype = check_device(args.device), parse_dtype(args.dtype)
     check_quantize(args.quantize, device, dtype)
+    if args.int8_ranges and args.quantize != "int8":
+        raise ValueError("--int8-ranges needs --quantize int8")
+    ranges = int8.load_ranges(args.int8_ranges) if args.int8_ranges else None
     if args.output:
         check_output(args.output)
     errors = args.decode_errors
@@ -140,6 +147,8 @@ def run_encode(args) -> int:
                                               quantize=args.quantize)
     if args.max_seq_length:
         encoder.max_seq_length = args.max_seq_length
+    if ranges is not None:
+        encoder.runner.forward.use_ranges(ranges)
     warn_unknown_tokens(encoder, texts)
     emb = encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize,
                          prompt_name=args.prompt_name, prompt=args.prompt, truncate_dim=args.truncate_dim)
@@ -283,12 +292,44 @@ def run_serve(args) -> int:
     return command.run(args)
 
 
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="calibrate static int8: each linear layer's input range on your texts, "
+                       "written to a file for 'encode --quantize int8 --int8-ranges'", formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, help="model folder, short name or hub id")
+    p.add_argument("--calibrate", required=True, metavar="FILE",
+                   help="UTF-8 file with one text per line, like the texts you will embed (a few hundred)")
+    p.add_argument("--output", required=True, metavar="FILE", help="the ranges file to write (JSON)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch")
+    p.add_argument("--max-seq-length", type=token_count, help="tokens per text (default: the model's own)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+
+
+def run_quantize(args) -> int:
+    texts = [t for t in read_lines(args.calibrate) if t.strip()]
+    if not texts:
+        raise ValueError(f"--calibrate {args.calibrate}: no texts")
+    encoder = SentenceEncoder.from_pretrained(args.model, revision=args.revision, fast=True)
+    if not encoder.fast:
+        raise ValueError(f"{args.model}: this model has no fast path, which int8 runs on")
+    if args.max_seq_length:
+        encoder.max_seq_length = args.max_seq_length
+    with encoder.runner.forward.observe() as ranges:  # on the exact fp32 forward
+        encoder.encode(texts, batch_size=args.batch_size)
+    write_atomically(args.output, lambda f: f.write(int8.dumps_ranges(ranges).encode("utf-8")))
+    static = sum(len(r) for r in ranges)
+    print(f"wrote {args.output}: {static} of {4 * len(ranges)} linear layers static ({len(texts)} texts)",
+          file=sys.stderr)
+    return 0
+
+
 # name -> (add the subcommand's parser, run it); eval-sts, inspect, train and serve live in their own modules.
 COMMANDS = {
     "encode": (_add_encode, run_encode),
     "embed-corpus": (_add_embed_corpus, run_embed_corpus),
     "download": (_add_download, run_download),
     "convert": (_add_convert, run_convert),
+    "quantize": (_add_quantize, run_quantize),
     "eval-sts": (lambda sub: sts.add_arguments(sub.add_parser(
         "eval-sts", help="score STS pairs (KorSTS, KLUE-STS, CSV/TSV/JSONL) like the model cards",
         formatter_class=HelpFormatter)), sts.run),

@@ -3,9 +3,11 @@
 For each model: the benchmark's workload (``scripts/bench.py``: KorSTS sentences and passages) embedded
 in fp32 and with ``quantize="int8"``; the lowest and mean cosine between the two embeddings of each
 text; then, where the shared data's ``korsts/sts-test.tsv`` (or ``--korsts``) exists, the KorSTS test
-cosine Spearman x 100 of both (``minisbert.sts.evaluate_sts``, the model cards' figure). With
-``--onnx-int8`` (needs the ``st-onnx`` extra's environment) the same figures for
-sentence-transformers' dynamic-int8 ONNX export, for comparison.
+cosine Spearman x 100 of both (``minisbert.sts.evaluate_sts``, the model cards' figure). Static int8
+(``int8-static``: input ranges calibrated on ``bench.calibration_texts``, KorSTS dev) is measured too.
+With ``--onnx-int8`` (needs the ``st-onnx`` extra's environment) the same figures for
+sentence-transformers' dynamic-int8 ONNX export, and with ``--openvino-int8`` (the ``st-openvino``
+extra's) for its static-int8 OpenVINO export calibrated on the same texts, for comparison.
 
     python scripts/int8_accuracy.py --model all-MiniLM-L6-v2 --model random-bert
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from bench import RANDOM, build_random, onnx_systems, workload  # noqa: E402
+from bench import RANDOM, build_random, calibration_texts, onnx_systems, st_openvino_int8, workload  # noqa: E402
 from conftest import shared_data  # noqa: E402
 
 from minisbert import SentenceEncoder  # noqa: E402
@@ -44,6 +46,8 @@ def main(argv=None) -> dict:
     p.add_argument("--korsts", default=str(shared_data("korsts/sts-test.tsv") or ""),
                    help="KorSTS test file (default: the shared data's, when present; '' to skip)")
     p.add_argument("--onnx-int8", action="store_true", help="also sentence-transformers' dynamic-int8 ONNX export")
+    p.add_argument("--openvino-int8", action="store_true",
+                   help="also sentence-transformers' static-int8 OpenVINO export (same calibration texts)")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     texts = workload(args.n, kind=args.texts)
@@ -54,13 +58,20 @@ def main(argv=None) -> dict:
     for name in args.model or ["all-MiniLM-L6-v2"]:
         path = build_random(name, args.max_seq_length or 128) if name in RANDOM else name
         systems = {"fp32": SentenceEncoder.from_pretrained(path), "int8": SentenceEncoder.from_pretrained(
-            path, quantize="int8")}
+            path, quantize="int8"), "int8-static": SentenceEncoder.from_pretrained(path, quantize="int8")}
         for encoder in systems.values():
             encoder.max_seq_length = min(args.max_seq_length or encoder.max_seq_length, encoder.max_seq_length)
+        calibration = calibration_texts(kind=args.texts)
+        with systems["fp32"].runner.forward.observe() as ranges:
+            systems["fp32"].encode(calibration, batch_size=32)
+        systems["int8-static"].runner.forward.use_ranges(ranges)
         if args.onnx_int8:
             with contextlib.redirect_stdout(io.StringIO()):
                 onnx = onnx_systems(Path(systems["fp32"].source), 2, systems["fp32"].max_seq_length, [], True)
             systems["st-onnx-int8"] = onnx["st-onnx-int8"]
+        if args.openvino_int8:
+            folder, length = Path(systems["fp32"].source), systems["fp32"].max_seq_length
+            systems["st-openvino-int8"] = st_openvino_int8(folder, 2, length, calibration)
         emb = {k: np.asarray(e.encode(texts, batch_size=32), dtype=np.float32) for k, e in systems.items()}
         row = {}
         for k in systems:

@@ -3,6 +3,7 @@ fast path, optionally beside sentence-transformers, on the benchmark's workload.
 
     python scripts/profile_encode.py --model random-bert --device cuda --dtype float16 --n 2048
     python scripts/profile_encode.py --model random-bert --quantize int8
+    python scripts/profile_encode.py --model random-bert --quantize int8 --static
     python scripts/profile_encode.py --model random-deberta --max-seq-length 512 --texts passages --n 64
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench import RANDOM, WORKLOADS, build_random, st_torch, workload  # noqa: E402
+from bench import RANDOM, WORKLOADS, build_random, calibration_texts, st_torch, workload  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -25,6 +26,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=["int8"], help="profile minisbert's int8 mode")
+    p.add_argument("--static", action="store_true",
+                   help="with --quantize int8: static int8, calibrated on bench.calibration_texts")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--texts", default="mixed", choices=WORKLOADS)
     p.add_argument("--n", type=int, default=512)
@@ -40,6 +43,12 @@ def main(argv=None) -> None:
     texts = workload(args.n, kind=args.texts)
     ours = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype, quantize=args.quantize)
     ours.max_seq_length = min(args.max_seq_length, ours.max_seq_length)
+    if args.static and args.quantize:
+        exact = SentenceEncoder.from_pretrained(path, device=args.device, dtype=dtype)
+        exact.max_seq_length = ours.max_seq_length
+        with exact.runner.forward.observe() as ranges:
+            exact.encode(calibration_texts(kind=args.texts), batch_size=args.batch_size)
+        ours.runner.forward.use_ranges(ranges)
     systems = {"minisbert": ours}
     if args.st:
         systems["st"] = st_torch(ours.source, args.device, dtype, ours.max_seq_length)

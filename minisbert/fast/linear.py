@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from minisbert.fast.cpu import CpuKind, cpu_kind
-from minisbert.fast.int8 import ROTATION, hadamard, onednn_int8_usable, quantize_rows, rotate
+from minisbert.fast.int8 import ROTATION, affine, hadamard, onednn_int8_usable, quantize_rows, rotate, to_uint8
 from minisbert.models.bert import ACTIVATIONS
 
 log = logging.getLogger("minisbert")
@@ -83,16 +83,35 @@ class Linear:
 
     int8 only: ``rotation_block`` is the Hadamard block of ``rotate_input`` (1: none); ``onednn`` and
     ``packed_rotation`` pick oneDNN's int8 GEMM over ``torch._int_mm`` and oneDNN's fp32 GEMM for the
-    rotation over ``x @ h`` (None: wherever they run here), so each kernel can be tested against the other."""
+    rotation over ``x @ h`` (None: wherever they run here), so each kernel can be tested against the other.
+    ``input_range`` (min, max): static int8 (``fast/int8.py``): the input quantized with that fixed uint8
+    scale, no rotation, bias and exact GELU in oneDNN's epilogue; ``output_range``: the output written as
+    uint8 in that range (the next linear's input); an input already uint8 is taken as it is.
+    ``observe``: called with every input (``FastEncoder.observe``)."""
+
+    observe = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, act: str | None = None,
                  rotate_input: bool = False, rotation_block: int = ROTATION, onednn: bool | None = None,
-                 packed_rotation: bool | None = None):
+                 packed_rotation: bool | None = None, input_range: tuple[float, float] | None = None,
+                 output_range: tuple[float, float] | None = None):
         self.backend = backend
         self.act = act
         self.bias = bias
         if backend == "mkldnn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        elif backend == "int8" and input_range is not None:
+            if not onednn_int8_usable():
+                raise ValueError("static int8 needs oneDNN's int8 linear (AVX512_VNNI / AMX-INT8 or AVX2 CPUs)")
+            self.in_q = affine(*input_range)  # (scale, zero point)
+            self.out_q = affine(*output_range) if output_range is not None else None
+            q, scale = quantize_rows(weight)  # (out, in) int8, (out, 1): one scale per output channel
+            self.scale = scale.squeeze(1)
+            self.weight = torch.ops.onednn.qlinear_prepack(q, None)
+            self.zero = torch.zeros_like(self.scale, dtype=torch.long)
+            # oneDNN's gelu post-op with algorithm "none" is gelu_erf, the exact GELU of F.gelu's default.
+            self.post = "gelu" if act == "gelu" else "none"
+            self.backend = "int8-static"
         elif backend == "int8":
             # ``rotate_input``: each input turned by a block Hadamard rotation before it is quantized (see
             # ROTATION), the weight's columns the same way once here. Blocks of 64 columns, fewer if K needs.
@@ -117,8 +136,10 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        if self.backend in ("mkldnn", "int8"):  # a multiple of ROWS rows (see there)
-            run = self._int8 if self.backend == "int8" else self._onednn
+        if self.observe is not None:
+            self.observe(x)
+        if self.backend in ("mkldnn", "int8", "int8-static"):  # a multiple of ROWS rows (see there)
+            run = {"int8": self._int8, "mkldnn": self._onednn, "int8-static": self._static}[self.backend]
             if N % ROWS:
                 return run(pad_rows(x, -(-N // ROWS) * ROWS))[:N]
             return run(x)
@@ -131,7 +152,15 @@ class Linear:
         """residual + (x W^T + b), for a layer without activation. oneDNN adds the residual in the GEMM's
         epilogue (a "sum" post-op: bitwise the same as the separate add, one pass over memory less)."""
         if self.backend == "mkldnn" and not self.act and x.shape[0] % ROWS == 0:
+            if self.observe is not None:
+                self.observe(x)
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        if self.backend == "int8-static" and self.post == "none" and self.out_q is None and x.shape[0] % ROWS == 0:
+            scale, zero = self.in_q
+            q = self._quantized(x)
+            return torch.ops.onednn.qlinear_pointwise.binary(q, scale, zero, self.weight, self.scale, self.zero,
+                                                             residual, self.bias, 1.0, 0, torch.float32, 1.0, 0,
+                                                             "add", 1.0, "none", [], "")
         return self(x).add_(residual)
 
     def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -140,6 +169,28 @@ class Linear:
         if self.backend == "mkldnn" and not self.act and x.shape[0] % ROWS == 0:
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "mul")
         return self(x).mul_(other)
+
+    def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += x W^T + b in place (static int8: oneDNN's "sum" post-op accumulates into it)."""
+        if self.backend == "int8-static" and self.post == "none" and self.out_q is None and x.shape[0] % ROWS == 0 \
+                and residual.is_contiguous():
+            scale, zero = self.in_q
+            return torch.ops.onednn.qlinear_pointwise.binary(self._quantized(x), scale, zero, self.weight, self.scale,
+                                                             self.zero, residual, self.bias, 1.0, 0, torch.float32,
+                                                             1.0, 0, "sum", 1.0, "none", [], "")
+        return residual.add_(self(x))
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K) float or uint8 -> (N, K) uint8 at the calibrated scale."""
+        return x if x.dtype == torch.uint8 else to_uint8(x, *self.in_q)
+
+    def _static(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.in_q
+        q = self._quantized(x)  # (N, K) uint8
+        out_scale, out_zero, out_dtype = (*self.out_q, None) if self.out_q else (1.0, 0, torch.float32)
+        y = torch.ops.onednn.qlinear_pointwise(q, scale, zero, self.weight, self.scale, self.zero, self.bias,
+                                               out_scale, out_zero, out_dtype, self.post, [], "none")
+        return ACTIVATIONS[self.act](y) if self.act and self.post == "none" else y
 
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
         rotated = self.rotation is not None

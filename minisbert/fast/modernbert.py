@@ -142,7 +142,10 @@ class FastModernBert(FastEncoder):
         super().__init__(model, backend, quantize, ffn_rows=ffn_rows, **options)
         self.local_block = local_block
 
-    def make_blocks(self, model: nn.Module, ffn_rows: int, rotation_block: int) -> list:
+    def make_blocks(self, model: nn.Module, ffn_rows: int, rotation_block: int, ranges: list[dict] | None) -> list:
+        if ranges is not None:
+            raise ValueError("static int8 (calibrated ranges) is implemented for BERT-family blocks, not "
+                             "ModernBERT's: use dynamic int8 (quantize='int8' without ranges)")
         return [PackedModernBlock(b, self.backend, model.config.hidden_activation, ffn_rows, rotation_block)
                 for b in model.blocks]
 

@@ -18,6 +18,7 @@ Shape legend: B batch, T tokens (padded), N real tokens in the batch, C hidden, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from minisbert.checks import check_quantize
 from minisbert.fast.cpu import CpuKind, cpu_kind
 from minisbert.fast.heap import raise_mmap_threshold
-from minisbert.fast.int8 import ROTATION
+from minisbert.fast.int8 import ROTATION, STATIC_LINEARS, RangeObserver, keeps_static
 from minisbert.fast.linear import ROWS, Linear, default_linear_backend, native_half
 from minisbert.fast.packing import Batch, Packing
 from minisbert.models.bert import padding_bias
@@ -50,25 +51,31 @@ class PackedBlock:
 
     Attention is the only step that needs a padded layout; ``attend(g, q, k, v)`` is the architecture's
     part for group ``g`` of the ``Packing``: each (b, H, T, D) in, (b, H, T, D) out. ``ffn_rows``: the
-    FFN's row chunk on the CPU (0: one pass); ``rotation_block``: int8's Hadamard block (``Linear``).
+    FFN's row chunk on the CPU (0: one pass); ``rotation_block``: int8's Hadamard block (``Linear``);
+    ``ranges``: static int8's calibrated input range of each linear (``STATIC_LINEARS`` -> (min, max)).
     """
 
     def __init__(self, block: nn.Module, backend: str, hidden_act: str, ffn_rows: int = FFN_ROWS,
-                 rotation_block: int = ROTATION):
+                 rotation_block: int = ROTATION, ranges: dict | None = None):
         attn = block.attn
         qkv_w = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
         qkv_b = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])  # (3C,)
         self.n_head = attn.n_head
         # int8: the inputs with outlier channels (LayerNorm and activation outputs) are rotated; the
         # attention output feeding ``out`` has none (its quantization alone: cosine 0.99985 to fp32).
-        self.qkv = Linear(qkv_w, qkv_b, backend, rotate_input=True, rotation_block=rotation_block)
-        self.out = Linear(attn.out.weight, attn.out.bias, backend)
-        # oneDNN fuses only exact GELU; other activations run after the GEMM.
-        fuse = hidden_act == "gelu" and backend == "mkldnn"
+        r = ranges or {}
+        self.qkv = Linear(qkv_w, qkv_b, backend, rotate_input=True, rotation_block=rotation_block,
+                          input_range=r.get("qkv"))
+        self.out = Linear(attn.out.weight, attn.out.bias, backend, input_range=r.get("out"))
+        # oneDNN fuses only exact GELU; other activations run after the GEMM. Static int8 with exact GELU:
+        # the up-projection writes the down-projection's uint8 input itself.
+        fuse = hidden_act == "gelu" and (backend == "mkldnn" or ranges is not None)
+        uint8_ffn = fuse and "up" in r and "down" in r
         self.up = Linear(block.ffn.up.weight, block.ffn.up.bias, backend, act="gelu" if fuse else hidden_act,
-                         rotate_input=True, rotation_block=rotation_block)
+                         rotate_input=True, rotation_block=rotation_block, input_range=r.get("up"),
+                         output_range=r.get("down") if uint8_ffn else None)
         self.down = Linear(block.ffn.down.weight, block.ffn.down.bias, backend, rotate_input=True,
-                           rotation_block=rotation_block)
+                           rotation_block=rotation_block, input_range=r.get("down"))
         self.attn_ln, self.ffn_ln = block.attn_ln, block.ffn_ln
         self.ffn_rows = ffn_rows
 
@@ -88,6 +95,10 @@ class PackedBlock:
             return self.ffn_ln(self.down.add(self.up(x), x))
         # On the CPU the FFN runs on chunks of rows, so each chunk's (rows, 4C) intermediate is read back
         # by the down-projection from cache, not memory; the residual sum lands in place (add's out=).
+        if self.down.backend == "int8-static":  # x is this block's own: the down-projection adds into it
+            for s in range(0, x.shape[0], step):
+                self.down.add_(self.up(x[s: s + step]), x[s: s + step])
+            return self.ffn_ln(x)
         h = torch.empty_like(x)
         for s in range(0, x.shape[0], step):
             torch.add(x[s: s + step], self.down(self.up(x[s: s + step])), out=h[s: s + step])
@@ -101,11 +112,13 @@ class FastEncoder:
     The tuned settings are keywords with their measured defaults, so a test or ``scripts/tune_fast.py``
     builds the variant it compares: ``ffn_rows`` and ``rotation_block`` (``PackedBlock``),
     ``rows_multiple`` (the packed layout's row multiple; None: ``linear.ROWS`` for oneDNN's backends,
-    else 1), ``cpu`` (the CPU the bf16 warning judges; None: this one)."""
+    else 1), ``cpu`` (the CPU the bf16 warning judges; None: this one); ``ranges``: with
+    ``quantize="int8"``, static int8 from calibrated input ranges (one dict per block, see ``observe``)
+    instead of per-token dynamic scales."""
 
     def __init__(self, model: nn.Module, backend: str | None = None, quantize: str | None = None, *,
                  ffn_rows: int = FFN_ROWS, rotation_block: int = ROTATION, rows_multiple: int | None = None,
-                 cpu: CpuKind | None = None):
+                 cpu: CpuKind | None = None, ranges: list[dict] | None = None):
         p = next(model.parameters())
         self.model = model
         self.device = p.device
@@ -117,7 +130,8 @@ class FastEncoder:
                         "than float32; for speed beyond float32 use int8 (inexact: quantize='int8', or --quantize "
                         "int8)", p.dtype,
                         cpu.describe())
-        self.blocks = self.make_blocks(model, ffn_rows, rotation_block)
+        self._block_options = (ffn_rows, rotation_block)
+        self.use_ranges(ranges)
         if p.device.type == "cpu":
             raise_mmap_threshold()
         # oneDNN: every GEMM's row count a multiple of linear.ROWS, padded once per forward.
@@ -125,9 +139,42 @@ class FastEncoder:
             rows_multiple = ROWS if self.backend in ("mkldnn", "int8") else 1
         self.rows_multiple = rows_multiple
 
-    def make_blocks(self, model: nn.Module, ffn_rows: int, rotation_block: int) -> list:
+    def use_ranges(self, ranges: list[dict] | None) -> None:
+        """(Re)build the blocks: static int8 from ``ranges`` (``observe``'s, or ``int8.load_ranges``'), or
+        with None the backend's own linears (dynamic int8 where ``quantize="int8"``)."""
+        if ranges is not None and (not self.quantize or len(ranges) != len(self.model.blocks)):
+            raise ValueError(f"ranges (static int8) need quantize='int8' and one entry per block "
+                             f"({len(self.model.blocks)}), got {len(ranges)}")
+        self.ranges = ranges
+        self.blocks = self.make_blocks(self.model, *self._block_options, ranges)
+
+    def make_blocks(self, model: nn.Module, ffn_rows: int, rotation_block: int, ranges: list[dict] | None) -> list:
         """The packed blocks, one per reference block (post-LN ``PackedBlock``s unless overridden)."""
-        return [PackedBlock(b, self.backend, model.config.hidden_act, ffn_rows, rotation_block) for b in model.blocks]
+        return [PackedBlock(b, self.backend, model.config.hidden_act, ffn_rows, rotation_block,
+                            ranges[i] if ranges else None) for i, b in enumerate(model.blocks)]
+
+    @contextlib.contextmanager
+    def observe(self, ratio: float | None = None):
+        """Records every block's linear inputs' (min, max) while on: calibration for static int8 (run it on
+        an exact fp32 forward). Yields the list it fills on exit, one ``{name: [min, max]}`` per block, for
+        the linears that keep their accuracy static (``int8.keeps_static``, ``ratio``; 0: none, inf: all);
+        the others stay dynamic."""
+        if not all(isinstance(b, PackedBlock) for b in self.blocks):
+            raise ValueError(f"static int8 calibration is implemented for BERT-family blocks (BERT, RoBERTa, "
+                             f"XLM-RoBERTa, DeBERTa-v2), not {type(self.model).__name__}: use dynamic int8")
+        ranges: list[dict] = [{} for _ in self.blocks]
+        observers = [{name: RangeObserver() for name in STATIC_LINEARS} for _ in self.blocks]
+        for block, seen in zip(self.blocks, observers):
+            for name, observer in seen.items():
+                getattr(block, name).observe = observer
+        try:
+            yield ranges
+        finally:
+            for block, seen, out in zip(self.blocks, observers, ranges):
+                for name, observer in seen.items():
+                    getattr(block, name).observe = None
+                    if observer.rows and keeps_static(observer, ratio):
+                        out[name] = [observer.low, observer.high]
 
     def layout(self, groups: Batch) -> Packing:
         return Packing([mask for _, mask in groups], self.device, self.rows_multiple)
