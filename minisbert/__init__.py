@@ -1,4 +1,5 @@
-"""minisbert: hand-written BERT, RoBERTa and DeBERTa-v2 sentence encoders equal to sentence-transformers."""
+"""minisbert: hand-written BERT, RoBERTa, DeBERTa-v2, XLM-RoBERTa and ModernBERT sentence encoders equal to
+sentence-transformers."""
 
 from minisbert import util
 from minisbert.encoder import SentenceEncoder

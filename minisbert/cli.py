@@ -30,8 +30,9 @@ from minisbert.io.weights import convert_to_safetensors
 from minisbert.quantize import PRECISIONS
 from minisbert.text.tokenizer import clean_text
 
-DESCRIPTION = ("Sentence embeddings from BERT, RoBERTa and DeBERTa-v2 sentence-transformers models, equal to "
-               "sentence-transformers'. Run 'minisbert SUBCOMMAND -h' for a subcommand's flags.")
+DESCRIPTION = ("Sentence embeddings from BERT, RoBERTa, DeBERTa-v2, XLM-RoBERTa and ModernBERT "
+               "sentence-transformers models, equal to sentence-transformers'. Run 'minisbert SUBCOMMAND -h' for "
+               "a subcommand's flags.")
 # --output suffix (any case) -> what is written
 OUTPUT_FORMATS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
