@@ -45,24 +45,23 @@ def test_dataset_tables(tmp_path, kind):
     assert pairs.texts == [("s", "t"), ("u", "v")] and pairs.scores == [0.25, 4.0]
 
 
-def test_bad_rows_name_the_file_and_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"anchor": "a", "positive": "p"}\n\n{"anchor": "a", "positive": 3}\n', encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 3: 'positive' is 3, not a text"):
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.jsonl", '{"anchor": "a", "positive": "p"}\n\n{"anchor": "a", "positive": 3}\n',
+     r"bad.jsonl:line 3: 'positive' is 3, not a text"),
+    ("bad.jsonl", '{"anchor": "a", "positive": "p"}\n{"anchor": "a"}\n',
+     r"bad.jsonl:line 2: columns \['anchor'\], expected"),
+    ("bad.jsonl", '{"anchor": "a", "positive": "p"}\nnot json\n', r"bad.jsonl:line 2: not JSON"),
+    ("bad.csv", "sentence1,sentence2,score\na,b,0.5\nc,d,high\n", r"bad.csv:line 3: score 'high' is not a number"),
+    ("bad.csv", "sentence1,sentence2,score\na,b\n", r"bad.csv:line 2: 2 fields, the header has 3"),
+])
+def test_bad_rows_name_the_file_and_line(tmp_path, name, content, message):
+    bad = tmp_path / name
+    bad.write_text(content, encoding="utf-8")
+    with pytest.raises(DataFormatError, match=message):
         read_examples([bad], "dataset", random.Random(0))
-    bad.write_text('{"anchor": "a", "positive": "p"}\n{"anchor": "a"}\n', encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 2: columns \['anchor'\], expected"):
-        read_examples([bad], "dataset", random.Random(0))
-    bad.write_text('{"anchor": "a", "positive": "p"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 2: not JSON"):
-        read_examples([bad], "dataset", random.Random(0))
-    csv_bad = tmp_path / "bad.csv"
-    csv_bad.write_text("sentence1,sentence2,score\na,b,0.5\nc,d,high\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"bad.csv:line 3: score 'high' is not a number"):
-        read_examples([csv_bad], "dataset", random.Random(0))
-    csv_bad.write_text("sentence1,sentence2,score\na,b\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"bad.csv:line 2: 2 fields, the header has 3"):
-        read_examples([csv_bad], "dataset", random.Random(0))
+
+
+def test_unknown_table_suffix_is_refused(tmp_path):
     with pytest.raises(DataFormatError, match=r"a dataset is .jsonl"):
         read_examples([write(tmp_path / "x.txt", ROWS, "tsv")], "dataset", random.Random(0))
 
